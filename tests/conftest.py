@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests never touch the network; data from ../shared is read in place."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def dsb_dir() -> Path:
+    """The real DSB2018 nuclei beside the checkout; the test skips cleanly when absent."""
+    from seglab.dsb import find_dsb2018
+
+    found = find_dsb2018()
+    if found is None:
+        pytest.skip("DSB2018 data (../shared/data/dsb2018_fluo) is not here; set SEGLAB_DSB2018_DIR")
+    return found
+
+
+@pytest.fixture()
+def probe_root(tmp_path, monkeypatch) -> Path:
+    """A temporary compendium (tests/probe_project.py) set as the project root for this test."""
+    from probe_project import make_probe_project
+    from seglab import paths
+
+    root = make_probe_project(tmp_path / "project")
+    monkeypatch.setenv("SEGLAB_ROOT", str(root))
+    monkeypatch.delenv("SEGLAB_RUNS_DIR", raising=False)
+    monkeypatch.delenv("SEGLAB_REPORTS_DIR", raising=False)
+    paths.set_root(None)
+    return root
