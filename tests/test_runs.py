@@ -73,6 +73,10 @@ def test_failing_cell_exits_nonzero_with_one_paragraph_and_keeps_partial_noteboo
     assert any(o.get("ename") == "ValueError" for c in executed["cells"] for o in c.get("outputs", []))
     assert (probe_root / m["report"]).is_file()
     assert "failed" in (probe_root / "reports" / "index.html").read_text()
+    good = runs.execute("10", "test", log=lambda *_: None)
+    cli(probe_root, "run", "10", "--profile", "test", "--set", "fail=true")
+    index = (probe_root / "reports" / "index.html").read_text()
+    assert f"last successful: <a href='10_probe/test/{good.run_dir.name}.html'>" in index
 
 
 def test_sigterm_marks_the_run_interrupted(probe_root):

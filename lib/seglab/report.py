@@ -103,6 +103,11 @@ def _status_rows() -> list[dict]:
                 continue
             problems = check_outputs(run_dir, manifest)
             report = manifest.get("report")
+            if manifest.get("status") != "done":  # point at the last good evidence too
+                good = next((m for m in map(read_manifest, reversed(run_dirs)) if m and m.get("status") == "done"), None)
+                if good and good.get("report"):
+                    row["last_done_report"] = os.path.relpath(root / good["report"], paths.reports_dir())
+                    row["last_done_run"] = good.get("run_id")
             rows.append({**row, "status": manifest.get("status"), "started": manifest.get("started"),
                          "duration_s": manifest.get("duration_s"), "git": manifest.get("git") or {},
                          "summary": manifest.get("summary") or {}, "error": manifest.get("error"),
@@ -144,6 +149,9 @@ def build_index() -> Path:
             flags = [f"<div class='flag'>MISSING {e(p)}</div>" for p in r.get("missing", [])]
             flags += [f"<div class='flag'>CHANGED {e(p)}</div>" for p in r.get("changed", [])]
             link = f"<a href='{e(r['report'])}'>report</a>" if r.get("report") else ""
+            if r.get("last_done_report"):
+                link += (f"<br>last successful: <a href='{e(r['last_done_report'])}'>"
+                         f"{e(r['last_done_run'])}</a>")
             cells += [f"<td>{e(str(r.get('started') or ''))}<br>{e(_fmt_number(r.get('duration_s') or 0))} s; "
                       f"{r['n_runs']} run(s)</td>",
                       f"<td><code>{e(commit)}</code></td>", f"<td>{head_html}</td>",
