@@ -174,3 +174,13 @@ def test_atomic_write_keeps_old_content_on_error_and_umask_mode(tmp_path):
 def test_unknown_experiment_lists_known(probe_root):
     proc = cli(probe_root, "run", "42", "--profile", "test")
     assert proc.returncode == 1 and "no experiment '42'; known: 10_probe, 11_after" in proc.stderr
+
+
+def test_test_split_is_evaluated_once_per_selected_configuration(probe_root):
+    run = runs.attach("10_probe")
+    run.record_test_evaluation("finetuned_generic", {"flow_threshold": 0.4, "cellprob_threshold": 0.0})
+    run.record_test_evaluation("baseline", {"flow_threshold": 0.6, "cellprob_threshold": -1.0})
+    with pytest.raises(runs.SeglabError, match="already evaluated for 'baseline'"):
+        run.record_test_evaluation("baseline", {"flow_threshold": 0.2, "cellprob_threshold": 0.0})
+    records = json.loads((run.run_dir / "test_evaluations.json").read_text())
+    assert [r["selected"] for r in records] == ["finetuned_generic", "baseline"]

@@ -44,6 +44,7 @@ from seglab.params import load_params, load_schema, params_hash
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
+TEST_EVALUATIONS = "test_evaluations.json"
 KERNEL_NAME = "python3"
 # Versions recorded in every manifest: the libraries whose behaviour the numbers depend on.
 TRACKED_PACKAGES = ("seglab", "cellpose", "torch", "torchvision", "numpy", "scipy", "pandas",
@@ -265,6 +266,9 @@ def execute(ref: str, profile: str, overrides: dict | None = None, render: bool 
             signal.signal(signal.SIGTERM, previous)
         manifest["ended"] = utc_now()
         manifest["duration_s"] = round(time.monotonic() - t0, 3)
+        evaluations_file = run_dir / TEST_EVALUATIONS
+        if evaluations_file.is_file():
+            manifest["test_evaluations"] = json.loads(evaluations_file.read_text())
         summary_file = run_dir / SUMMARY
         if summary_file.is_file():
             try:
@@ -416,6 +420,24 @@ class RunContext:
         with io.atomic_path(target) as tmp:
             fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=target.suffix.lstrip("."))
         return target
+
+    def record_test_evaluation(self, selected: str, config: dict, split: str = "test") -> dict:
+        """Declare that ``split`` is evaluated now for the configuration ``selected``, once.
+
+        Selection (thresholds, gates, epochs) uses validation only; the test
+        split is evaluated once per selected configuration. A second call for
+        the same ``selected`` name in this run raises, so a notebook cannot peek
+        at test and reselect. The list goes to ``test_evaluations.json`` and the
+        runner copies it into the manifest.
+        """
+        f = self.run_dir / TEST_EVALUATIONS
+        records = json.loads(f.read_text()) if f.is_file() else []
+        if any(r["selected"] == selected and r["split"] == split for r in records):
+            raise SeglabError(f"{self.experiment}: the {split} split was already evaluated for '{selected}' in this "
+                              f"run; selection must use validation only (start a new run to change the selection)")
+        record = {"selected": selected, "split": split, "config": config, "at": utc_now()}
+        io.write_json(f, records + [record])
+        return record
 
     def summary(self, **numbers) -> dict:
         """Add headline numbers (``<split>_<metric>_<model>``) to ``summary.json`` and return it."""
