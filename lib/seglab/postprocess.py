@@ -139,5 +139,5 @@ def sweep_gates(items, gates: list[Gate], threshold: float = 0.5, pixel_size_um:
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
         rows.append({**gate.as_dict(), "tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall,
-                     "f1": f1, "ap": tp / (tp + fp + fn) if tp + fp + fn else 1.0, "n_removed": removed})
+                     "f1": f1, "ap": tp / (tp + fp + fn) if tp + fp + fn else 0.0, "n_removed": removed})
     return pd.DataFrame(rows)
