@@ -1,0 +1,391 @@
+"""Slurm submission, tested through a real one-node Slurm (scripts/slurm-local.sh) and a probe project.
+
+The session fixture starts munged, slurmctld and slurmd (installing Debian's packages if they
+are missing) and stops them at the end if it started them. Jobs run the probe notebooks of
+tests/probe_project.py through the real sbatch; a job takes about 5 s here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from seglab import slurm
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "slurm-local.sh"
+SEGLAB = [sys.executable, "-m", "seglab"]
+VENV_BIN = Path(sys.executable).parent
+
+CLUSTER_YAML = f"""\
+gpus: 0
+cpus: 1
+mem: 400M
+time: "00:05:00"
+signal_before_s: 10
+activate: "export PATH={VENV_BIN}:$PATH"
+jobs:
+  10_probe:
+    array: {{profiles: [sweep], grid: {{n: [1, 2, 3]}}}}
+"""
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+def _free_port_pair() -> int:
+    """A port P with P and P+1 free (slurmctld and slurmd of a private test cluster)."""
+    import socket
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="session")
+def slurm_conf(tmp_path_factory):
+    """A running local cluster; SLURM_CONF set for this session. Skips only if Slurm cannot be installed.
+
+    The cluster is this session's own (a temporary folder and free ports), so two test sessions
+    never share or stop each other's; with SEGLAB_SLURM_DIR set, that cluster is used (and
+    left running if it was running before).
+    """
+    env = dict(os.environ)
+    if not env.get("SEGLAB_SLURM_DIR"):
+        env["SEGLAB_SLURM_DIR"] = str(tmp_path_factory.mktemp("cluster"))
+        env["SEGLAB_SLURM_PORT"] = str(_free_port_pair())
+    was_running = subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True, text=True).returncode == 0
+    proc = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        if shutil.which("sbatch") is None or shutil.which("slurmctld") is None:
+            pytest.skip(f"Slurm is not installed and could not be installed: {proc.stderr.strip()[-300:]}")
+        pytest.fail(f"scripts/slurm-local.sh start failed:\n{proc.stderr}")
+    conf = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+    if not was_running:
+        subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """The probe compendium plus slurm/cluster.yaml, a `sweep` profile and a `failing` profile."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from probe_project import make_probe_project
+    root = make_probe_project(tmp_path_factory.mktemp("slurm") / "project")
+    (root / "slurm").mkdir()
+    (root / "slurm" / "cluster.yaml").write_text(CLUSTER_YAML)
+    for profile, probe in (("sweep", "n: 1\n"), ("failing", "n: 2\nfail: true\n"), ("gpu", "n: 5\n"),
+                           ("slow", "n: 2\nsleep_s: 3\n")):
+        (root / "params" / profile).mkdir()
+        (root / "params" / profile / "10_probe.yaml").write_text(probe)
+        (root / "params" / profile / "11_after.yaml").write_text("factor: 2\n")
+    return root
+
+
+def cli(root: Path, *args, path: str | None = None, timeout=120):
+    env = {**os.environ, "SEGLAB_ROOT": str(root)}
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run([*SEGLAB, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(job_ids: list[str], timeout: float = 90) -> None:
+    """Until none of the jobs (arrays included) is pending or running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%T"],
+                             capture_output=True, text=True).stdout.split()
+        if not any(s in slurm.ACTIVE_STATES for s in out):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"jobs {job_ids} still queued after {timeout} s")
+
+
+def submissions(root: Path) -> list[Path]:
+    base = root / "runs" / "_slurm"
+    return sorted(base.iterdir()) if base.is_dir() else []
+
+
+def last_record(root: Path) -> dict:
+    return json.loads((submissions(root)[-1] / "submission.json").read_text())
+
+
+def manifests(root: Path, experiment: str, profile: str) -> list[dict]:
+    base = root / "runs" / experiment / profile
+    return [json.loads((d / "manifest.json").read_text()) for d in sorted(base.iterdir())] if base.is_dir() else []
+
+
+# --------------------------------------------------------------------------- without a cluster
+
+def test_grid_tasks_are_the_product_in_key_order():
+    tasks = slurm.grid_tasks({"budget": [10, 20, 50], "repeat": [0, 1]})
+    assert len(tasks) == 6
+    assert tasks[0] == {"budget": 10, "repeat": 0} and tasks[1] == {"budget": 10, "repeat": 1}
+    assert tasks[5] == {"budget": 50, "repeat": 1}
+    assert slurm._ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and slurm._ranges([3]) == "3"
+
+
+def test_merge_check_finds_missing_and_doubled_tiles_on_synthetic_shards():
+    tiles = [f"t{i:02d}" for i in range(10)]
+    good = {s: [t for i, t in enumerate(tiles) if i % 3 == s] for s in range(3)}
+    assert slurm.check_shards(tiles, good).ok
+    assert slurm.check_shards(tiles, good).per_shard == {0: 4, 1: 3, 2: 3}
+    lost = {0: good[0], 1: good[1][:-1], 2: good[2]}
+    check = slurm.check_shards(tiles, lost)
+    assert not check.ok and check.missing == [good[1][-1]] and not check.duplicated
+    doubled = {0: good[0] + ["t01"], 1: good[1], 2: good[2] + ["zz"]}
+    check = slurm.check_shards(tiles, doubled)
+    assert check.duplicated == {"t01": [0, 1]} and check.unexpected == ["zz"] and not check.missing
+
+
+def test_cluster_yaml_typo_names_the_key_and_the_allowed_keys(project, tmp_path):
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text(CLUSTER_YAML + "partiton: gpu\n")
+    proc = cli(project, "submit-all", "--profile", "test", "--cluster", str(bad), "--dry-run")
+    assert proc.returncode == 1
+    assert "unknown key 'partiton'" in proc.stderr and "did you mean 'partition'" in proc.stderr
+    assert "allowed keys" in proc.stderr and "Traceback" not in proc.stderr
+    bad.write_text(CLUSTER_YAML.replace("10_probe:", "10_prob:"))
+    proc = cli(project, "submit-all", "--profile", "test", "--cluster", str(bad), "--dry-run")
+    assert "unknown job '10_prob'" in proc.stderr and "10_probe" in proc.stderr
+    bad.write_text(CLUSTER_YAML.replace('"00:05:00"', '"5 minutes"'))
+    assert "not a Slurm time" in cli(project, "submit", "10", "--profile", "test", "--cluster", str(bad)).stderr
+    assert not submissions(project)
+
+
+def test_dry_run_prints_scripts_and_graph_and_submits_nothing(project):
+    proc = cli(project, "submit-all", "--profile", "sweep", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("#!/bin/bash") == 2 and "#SBATCH --array=0-2" in proc.stdout
+    assert "0) TASK_ARGS=(--set n=1)" in proc.stdout and "2) TASK_ARGS=(--set n=3)" in proc.stdout
+    assert "11_after                 one job  <- afterok 10_probe" in proc.stdout
+    assert "dry run: nothing submitted" in proc.stdout
+    assert not submissions(project)
+
+
+def test_missing_sbatch_is_a_clear_error_and_records_nothing(project):
+    proc = cli(project, "submit", "10", "--profile", "test", path=str(VENV_BIN))
+    assert proc.returncode == 1 and "'sbatch' is not on PATH" in proc.stderr, proc.stderr
+    assert not submissions(project)
+
+
+# --------------------------------------------------------------------------- on the local cluster
+
+
+@pytest.mark.slurm
+def test_local_cluster_script_is_idempotent(slurm_conf):
+    env = {**os.environ, "SEGLAB_SLURM_DIR": str(Path(slurm_conf).parent),
+           "SEGLAB_SLURM_PORT": next(line.split("=")[1] for line in Path(slurm_conf).read_text().splitlines()
+                                     if line.startswith("SlurmctldPort="))}
+    again = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "already running" in again.stderr
+    assert again.stdout.strip() == f"export SLURM_CONF={slurm_conf}"
+    assert subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True, text=True).returncode == 0
+    info = subprocess.run(["sinfo", "-h", "-o", "%G %c"], capture_output=True, text=True).stdout
+    assert "gpu:2" in info
+
+
+@pytest.mark.slurm
+def test_chain_runs_in_order_with_afterok_and_resubmission_skips_it(slurm_conf, project):
+    proc = cli(project, "submit-all", "--profile", "test")
+    assert proc.returncode == 0, proc.stderr
+    record = last_record(project)
+    first, second = record["jobs"]
+    assert (first["experiment"], second["experiment"]) == ("10_probe", "11_after")
+    assert second["dependency"] == [first["job_id"]] and first["dependency"] == []
+    wait_for([first["job_id"], second["job_id"]])
+    (m10,), (m11,) = manifests(project, "10_probe", "test"), manifests(project, "11_after", "test")
+    assert m10["status"] == m11["status"] == "done"
+    assert m10["slurm"]["job_id"] == first["job_id"] and m11["slurm"]["job_id"] == second["job_id"]
+    assert m11["started"] >= m10["ended"]            # afterok: the second began after the first ended
+    assert m11["summary"]["scaled"] == 14 * 3        # it read the first one's output
+    for m, job in ((m10, first), (m11, second)):
+        assert Path(m["slurm"]["log"]) == project / job["log"] and Path(m["slurm"]["log"]).is_file()
+        script = Path(m["slurm"]["script"])
+        assert script == project / job["script"] and script.read_text().startswith("#!/bin/bash")
+        assert m["slurm"]["node"] and Path(m["slurm"]["submission"]) == submissions(project)[-1]
+    status = cli(project, "status")
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 2 and "run done" in status.stdout
+    n_before = len(submissions(project))
+    again = cli(project, "submit-all", "--profile", "test")
+    assert again.returncode == 0 and "nothing to submit" in again.stdout
+    assert "10_probe                 skipped: up to date" in again.stdout
+    assert len(submissions(project)) == n_before     # nothing recorded: nothing was submitted
+
+
+@pytest.mark.slurm
+def test_array_tasks_map_to_params_and_resubmission_runs_only_the_unfinished_task(slurm_conf, project):
+    proc = cli(project, "submit-all", "--profile", "sweep", "--only", "10_probe")
+    assert proc.returncode == 0, proc.stderr
+    job = last_record(project)["jobs"][0]
+    assert job["array"]["spec"] == "0-2" and [t["overrides"] for t in job["array"]["tasks"]] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    wait_for([job["job_id"]])
+    runs_ = manifests(project, "10_probe", "sweep")
+    assert len(runs_) == 3 and all(m["status"] == "done" for m in runs_)
+    by_task = {int(m["slurm"]["array_task_id"]): m for m in runs_}
+    for task_id, m in by_task.items():              # task id -> params, recorded in the manifest
+        assert m["slurm"]["array_job_id"] == job["job_id"]
+        assert m["overrides"] == {"n": task_id + 1} and m["summary"]["n"] == task_id + 1
+    (project / by_task[1]["run_dir"] / "squares.csv").unlink()   # task 1's output lost
+    again = cli(project, "submit-all", "--profile", "sweep", "--only", "10_probe")
+    assert again.returncode == 0, again.stderr
+    job2 = last_record(project)["jobs"][0]
+    assert job2["array"]["spec"] == "1" and job2["array"]["submitted_tasks"] == [1]
+    wait_for([job2["job_id"]])
+    rerun = [m for m in manifests(project, "10_probe", "sweep") if m["slurm"]["array_job_id"] == job2["job_id"]]
+    assert len(rerun) == 1 and rerun[0]["overrides"] == {"n": 2} and rerun[0]["status"] == "done"
+    third = cli(project, "submit-all", "--profile", "sweep", "--only", "10_probe")
+    assert "all 3 array tasks done" in third.stdout
+
+
+@pytest.mark.slurm
+def test_failed_job_cancels_its_dependant_and_status_names_it_and_its_log(slurm_conf, project):
+    # Beside it, a long run that gets Slurm's warning signal (as before a time limit or preemption).
+    sleeper = cli(project, "submit", "10", "--profile", "gpu", "--array", "sleep_s=[60]")
+    assert sleeper.returncode == 0, sleeper.stderr
+    sleeper_job, sleeper_submission = last_record(project)["jobs"][0], submissions(project)[-1].name
+    proc = cli(project, "submit-all", "--profile", "failing")
+    assert proc.returncode == 0, proc.stderr
+    first, second = last_record(project)["jobs"]
+    deadline = time.monotonic() + 60
+    while not manifests(project, "10_probe", "gpu") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    time.sleep(1.0)   # into the notebook's sleep
+    subprocess.run(["scancel", "--batch", "--signal=TERM", sleeper_job["job_id"]], check=True)
+    wait_for([first["job_id"], second["job_id"], sleeper_job["job_id"]])
+    (interrupted,) = manifests(project, "10_probe", "gpu")
+    assert interrupted["status"] == "interrupted" and interrupted["duration_s"] < 50
+    log = (project / sleeper_job["log"].replace("%a", "0")).read_text()
+    assert "SIGTERM (time limit or preemption)" in log and "was interrupted" in log
+    status = cli(project, "status", "--fail-on-error")
+    assert status.returncode == 1
+    out = status.stdout
+    assert f"job {first['job_id']}" in out and "FAILED" in out and "ValueError: boom on purpose" in out
+    assert f"log: {first['log']}" in out and (project / first["log"]).is_file()
+    assert "CANCELLED" in out and f"waited (afterok) on failed job {first['job_id']}" in out
+    assert manifests(project, "11_after", "failing") == []     # the dependant never ran
+    assert "INTERRUPTED (SIGTERM" in cli(project, "status", sleeper_submission[:20]).stdout
+    rows = {r["name"]: r for r in slurm_status(project)["rows"]}
+    assert rows["11_after"]["state"] == "CANCELLED" and rows["11_after"]["cancelled_because"] == [first["job_id"]]
+
+
+@pytest.mark.slurm
+def test_gpu_job_accepted_queued_work_not_submitted_twice_and_a_single_submit_waits_on_it(
+        slurm_conf, project, tmp_path):
+    gpu = tmp_path / "gpu.yaml"
+    gpu.write_text(CLUSTER_YAML.replace("gpus: 0", "gpus: 1"))
+    first = cli(project, "submit", "10", "--profile", "slow", "--cluster", str(gpu))
+    assert first.returncode == 0, first.stderr
+    job = last_record(project)["jobs"][0]
+    parent = job["job_id"]
+    assert "#SBATCH --gres=gpu:1" in (project / job["script"]).read_text()
+    second = cli(project, "submit", "11", "--profile", "slow")    # 10 has no finished run, but is queued
+    assert second.returncode == 0, second.stderr
+    child = last_record(project)["jobs"][0]
+    assert child["experiment"] == "11_after" and child["dependency"] == [parent]
+    n_before = len(submissions(project))
+    again = cli(project, "submit-all", "--profile", "slow")
+    assert "nothing to submit" in again.stdout and f"already queued: job {parent}" in again.stdout
+    assert f"already queued: job {child['job_id']}" in again.stdout and len(submissions(project)) == n_before
+    wait_for([parent, child["job_id"]])
+    (m10,), (m11,) = manifests(project, "10_probe", "slow"), manifests(project, "11_after", "slow")
+    assert m10["status"] == m11["status"] == "done" and m11["started"] >= m10["ended"]
+    assert "GPUs: 0" in (project / job["log"]).read_text()    # the fake GPU node set CUDA_VISIBLE_DEVICES
+    lonely = cli(project, "submit", "11", "--profile", "failing", "--dry-run")
+    assert lonely.returncode == 1 and "needs 10_probe, which has no finished run" in lonely.stderr
+
+
+def slurm_status(root: Path) -> dict:
+    from seglab import paths
+    paths.set_root(root)
+    try:
+        return slurm.status()
+    finally:
+        paths.set_root(None)
+
+
+@pytest.mark.slurm
+def test_unknown_partition_gives_sbatch_text_and_cancels_what_this_submission_queued(slurm_conf, project, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CLUSTER_YAML.replace("gpus: 0", "gpus: 0\npartition: nosuch"))
+    n_before = len(submissions(project))
+    proc = cli(project, "submit", "10", "--profile", "gpu", "--cluster", str(bad), "--force")
+    assert proc.returncode == 1 and "sbatch refused 10_probe.sbatch" in proc.stderr
+    assert "invalid partition" in proc.stderr.lower() and "sinfo" in proc.stderr
+    assert len(submissions(project)) == n_before      # nothing submitted, nothing recorded
+    # The second job of a chain refused: the first, already queued, is cancelled and the record says so.
+    bad.write_text(CLUSTER_YAML.replace("jobs:", "jobs:\n  11_after: {partition: nosuch}"))
+    proc = cli(project, "submit-all", "--profile", "sweep", "--cluster", str(bad), "--force")
+    assert proc.returncode == 1 and "Cancelled the job(s) of this submission already queued" in proc.stderr
+    record = last_record(project)
+    assert record["status"] == "aborted" and [j["name"] for j in record["jobs"]] == ["10_probe"]
+    assert record["jobs"][0]["cancelled"] == "submission aborted"
+    wait_for([record["jobs"][0]["job_id"]])
+
+
+@pytest.mark.slurm
+def test_sharded_predict_merge_and_a_shard_killed_midway_resumes_with_no_tile_lost_or_doubled(
+        slurm_conf, project, tmp_path):
+    from seglab import predict, simulate
+    cohort = simulate.simulate_cohort(tmp_path / "cohort", n_donors=3, tiles_per_marker=1, size_px=64, seed=0)
+    tiles = predict.list_tiles(cohort)
+    shard1 = predict.shard_slice(tiles, "1/2")
+    out = tmp_path / "pred"
+    args = ("submit-predict", "--model", "tiny", "--tiles", str(cohort), "--out", str(out), "--shards", "2",
+            "--", "--threads", "1", "--quiet", "--batch-tiles", "1")
+    proc = cli(project, *args)
+    assert proc.returncode == 0, proc.stderr
+    predict_job, merge_job = last_record(project)["jobs"]
+    assert predict_job["array"]["spec"] == "0-1" and merge_job["dependency"] == [predict_job["job_id"]]
+    # Kill shard 1 (SIGKILL, no warning: as a node failure would) once it has written its first mask.
+    deadline = time.monotonic() + 90
+    while not any((out / f"{t}.tif").is_file() for t in shard1):
+        assert time.monotonic() < deadline, "shard 1 wrote no mask in 90 s"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--full", "--signal=KILL", f"{predict_job['job_id']}_1"], check=True)
+    wait_for([predict_job["job_id"], merge_job["job_id"]], timeout=120)
+    written = [t for t in shard1 if (out / f"{t}.tif").is_file()]
+    assert 0 < len(written) < len(shard1), f"not killed midway: {len(written)} of {len(shard1)} masks"
+    assert not slurm.shard_complete(cohort, out, 1, 2) and slurm.shard_complete(cohort, out, 0, 2)
+    assert not (out / "shards_check.json").exists()     # the merge never ran: its parent failed
+    status = cli(project, "status").stdout
+    assert "predict[1]" in status and "shard incomplete" in status and "CANCELLED" in status
+    proc = cli(project, *args)
+    assert proc.returncode == 0, proc.stderr
+    predict_job, merge_job = last_record(project)["jobs"]
+    assert predict_job["array"]["spec"] == "1"          # shard 0 is complete: not submitted again
+    wait_for([predict_job["job_id"], merge_job["job_id"]], timeout=120)
+    check = json.loads((out / "shards_check.json").read_text())
+    assert check["ok"] and not check["missing"] and not check["duplicated"]
+    assert check["n_tiles"] == len(tiles) == 15 and check["per_shard"] == {"0": 8, "1": 7}
+    table1 = [line.split("\t") for line in (out / predict.table_name("1/2")).read_text().splitlines()[1:]]
+    assert sorted(row[0] for row in table1) == sorted(shard1)                  # each tile once
+    merged = (out / "tiles.tsv").read_text().splitlines()[1:]
+    assert sorted(line.split("\t")[0] for line in merged) == tiles
+    status = cli(project, "status").stdout
+    assert "shard complete" in status and "every tile exactly once" in status
+    again = cli(project, *args)
+    assert "nothing to submit" in again.stdout and "all 2 shards complete" in again.stdout
+    # The merge check itself fails loudly on a lost mask.
+    (out / f"{shard1[0]}.tif").unlink()
+    with pytest.raises(slurm.SeglabError, match="1 missing|masks unreadable"):
+        slurm.merge_shards(cohort, out, 2, log=lambda *_: None)
