@@ -65,7 +65,7 @@ def reports_dir() -> Path:
 
 def figures_dir() -> Path:
     """The paper's figures, copied from the run that drew them, with provenance."""
-    return project_root() / "figures"
+    return Path(os.environ.get("SEGLAB_FIGURES_DIR") or project_root() / "figures")
 
 
 def data_dir() -> Path:
