@@ -184,3 +184,12 @@ def test_test_split_is_evaluated_once_per_selected_configuration(probe_root):
         run.record_test_evaluation("baseline", {"flow_threshold": 0.2, "cellprob_threshold": 0.0})
     records = json.loads((run.run_dir / "test_evaluations.json").read_text())
     assert [r["selected"] for r in records] == ["finetuned_generic", "baseline"]
+
+
+def test_status_page_puts_test_ap50_first():
+    from seglab.report import headline_items
+
+    summary = {"cellprob_threshold_selected": -1.0, "n_tiles": 480, "val_f1_selected": 0.9,
+               "test_f1_finetuned": 0.91, "test_ap50_baseline": 0.75, "test_ap50_finetuned": 0.83}
+    keys = [k for k, _ in headline_items(summary, limit=4)]
+    assert keys == ["test_ap50_baseline", "test_ap50_finetuned", "test_f1_finetuned", "val_f1_selected"]

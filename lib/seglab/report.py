@@ -25,7 +25,7 @@ from seglab.runs import check_outputs, list_runs, read_manifest, utc_now
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATE_NAME = "offline"
-MAX_HEADLINES = 8
+MAX_HEADLINES = 10
 
 
 def render_notebook(notebook: Path, target: Path) -> Path:
@@ -80,6 +80,18 @@ def _fmt_number(value) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
+HEADLINE_ORDER = ("test_ap50", "test_", "val_", "recovery", "sig_")
+
+
+def headline_items(summary: dict, limit: int = MAX_HEADLINES) -> list[tuple]:
+    """The numbers the status page shows: test AP@0.5 first, then other test and validation
+    numbers (``<split>_<metric>_<model>``), then the rest; at most ``limit``."""
+    def rank(key: str) -> int:
+        return next((i for i, p in enumerate(HEADLINE_ORDER) if key.startswith(p)), len(HEADLINE_ORDER))
+    keys = sorted(summary, key=lambda k: (rank(k), list(summary).index(k)))
+    return [(k, summary[k]) for k in keys[:limit]]
 
 
 def _status_rows() -> list[dict]:
@@ -141,7 +153,7 @@ def build_index() -> Path:
         else:
             git = r["git"]
             commit = (git.get("commit") or "no git")[:10] + (" (dirty)" if git.get("dirty") else "")
-            heads = list((r.get("summary") or {}).items())[:MAX_HEADLINES]
+            heads = headline_items(r.get("summary") or {})
             head_html = "<ul>" + "".join(f"<li><code>{e(str(k))}</code> {e(_fmt_number(v))}</li>" for k, v in heads) + "</ul>" if heads else ""
             if r.get("error"):
                 err = r["error"]
