@@ -63,4 +63,19 @@ def test_parameters_cell_defaults_match_the_demo_profile(repo_root, monkeypatch)
         missing = sorted(set(demo) - set(values))
         assert not missing, f"{e.name}: parameters cell lacks {missing}"
         differ = {k: (values[k], v) for k, v in demo.items() if values[k] != v}
-        assert not differ, f"{e.name}: parameters cell (notebook, demo profile) differ: {differ}"
+        assert not differ, (f"{e.name}: parameters cell (notebook, demo profile) differ: {differ}; "
+                            "run `seglab sync-parameters`")
+
+
+def test_sync_parameters_rewrites_stale_values_and_adds_missing_keys(probe_root):
+    from seglab.nbparams import cell_values, parameters_cell, sync_notebook
+
+    nb_path = probe_root / "notebooks" / "10_probe.ipynb"
+    assert sync_notebook("10_probe", "test", check=True) == ["n", "label"]
+    (probe_root / "params" / "schema" / "10_probe.yaml").write_text(
+        (probe_root / "params" / "schema" / "10_probe.yaml").read_text() + "extra: {type: list, items: int, default: [1, 2]}\n")
+    assert sync_notebook("10_probe", "test") == ["n", "label", "extra"]
+    cell = parameters_cell(json.loads(nb_path.read_text()), nb_path)
+    assert cell_values(cell) == {"n": 4, "fail": False, "sleep_s": 0.0, "label": "shared-label", "extra": [1, 2],
+                                 "run_dir": None, "profile": "interactive"}
+    assert sync_notebook("10_probe", "test") == []

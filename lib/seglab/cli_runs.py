@@ -47,6 +47,16 @@ def cmd_check_params(args) -> int:
     return 0
 
 
+def cmd_sync_parameters(args) -> int:
+    from seglab.nbparams import sync_all
+    stale = 0
+    for name, keys in sync_all(args.profile, check=args.check).items():
+        if keys:
+            stale += 1
+            print(f"{'stale' if args.check else 'updated'}  {name}: {', '.join(keys)}")
+    return 1 if args.check and stale else 0
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("run", help="run one notebook with papermill into a new run folder")
     p.add_argument("experiment", help="number or name, e.g. 00 or 00_data")
@@ -66,6 +76,11 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("experiments", help="list the notebook chain (params/experiments.yaml)")
     p.set_defaults(func=cmd_experiments)
+
+    p = sub.add_parser("sync-parameters", help="rewrite each notebook's parameters cell from the demo profile")
+    p.add_argument("--profile", default="demo")
+    p.add_argument("--check", action="store_true", help="only report stale cells (exit 1 if any)")
+    p.set_defaults(func=cmd_sync_parameters)
 
     p = sub.add_parser("check-params", help="validate every notebook's params of a profile")
     p.add_argument("--profile", default="demo")
