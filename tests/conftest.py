@@ -40,3 +40,24 @@ def probe_root(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("SEGLAB_REPORTS_DIR", raising=False)
     paths.set_root(None)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: tiny nets on a shared 2-core machine run several times
+    faster single-threaded than oversubscribed (measured ~9x while other processes were busy)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """A tiny simulated cohort (3 donors x 5 markers x 1 tile of 96 px), one per test module."""
+    from seglab import simulate
+
+    return simulate.simulate_cohort(tmp_path_factory.mktemp("cohort") / "c", n_donors=3, tiles_per_marker=1,
+                                    size_px=96, seed=0)

@@ -5,26 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from seglab import SeglabError, data, efficiency, metrics, models, study
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny nets on a shared 2-core machine: one thread is much faster than oversubscribed two
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from seglab import simulate
-
-    return simulate.simulate_cohort(tmp_path_factory.mktemp("cohort") / "c", n_donors=3, tiles_per_marker=1,
-                                    size_px=96, seed=0)
 
 
 @pytest.fixture(scope="module")

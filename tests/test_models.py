@@ -12,12 +12,7 @@ import torch
 from seglab import SeglabError, models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def disks(shape=(96, 96), centres=((24, 24), (24, 70), (70, 40)), r=9):

@@ -6,25 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-import torch
 
 from seglab import SeglabError, models, predict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from seglab import simulate
-
-    return simulate.simulate_cohort(tmp_path_factory.mktemp("cohort") / "c", n_donors=3, tiles_per_marker=1,
-                                    size_px=96, seed=0)
 
 
 @pytest.fixture(scope="module")

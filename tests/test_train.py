@@ -12,21 +12,8 @@ SMALL = dict(bsize=64, batch_size=4, nimg_per_epoch=8, learning_rate=0.02, weigh
              min_train_masks=1, scale_range=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny nets on a shared 2-core machine: one thread is ~9x faster than oversubscribed two
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from seglab import simulate
-
-    return simulate.simulate_cohort(tmp_path_factory.mktemp("cohort") / "c", n_donors=3, tiles_per_marker=1,
-                                    size_px=96, seed=0)
 
 
 @pytest.fixture(scope="module")
