@@ -35,11 +35,12 @@ def _figure(figsize):
     return Figure(figsize=figsize, layout="constrained")
 
 
-def _check_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+def _check_columns(df: pd.DataFrame, columns: Sequence[str], what: str,
+                   source: str = "seglab.metrics.evaluate") -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise SeglabError(f"{what}: missing column(s) {missing} (have {list(df.columns)}); "
-                          f"pass a table from seglab.metrics.evaluate")
+                          f"pass a table from {source}")
 
 
 def plot_metric_vs_threshold(result, metrics: Sequence[str] = ("ap", "f1"), *, summary: str = "pooled",

@@ -13,19 +13,11 @@ import numpy as np
 import pandas as pd
 
 from seglab import SeglabError
-
-
-def _figure(figsize):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=figsize, layout="constrained")
+from seglab.plots import _check_columns, _figure
 
 
 def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise SeglabError(f"{what}: missing column(s) {missing} (have {list(df.columns)}); "
-                          "pass a table from seglab.downstream")
+    _check_columns(df, cols, what, source="seglab.downstream")
 
 
 def _heat(ax, table: pd.DataFrame, feature: str, rho_col: str, q_col: str, alpha: float, title: str):
