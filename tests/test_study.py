@@ -34,19 +34,11 @@ def _split(images, masks, markers, split="val"):
     return study.SplitSet(split=split, rows=rows, images=list(images), masks=list(masks))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread: on a small shared CPU several threads spin against other processes."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def small_set(one_torch_thread):
+def small_set(one_thread):
     truths = [_disks(), _disks(centres=((20, 20), (40, 44)))]
     outs = [_outputs(t, seed=i) for i, t in enumerate(truths)]
     images = [np.stack([t.astype(np.float32), (t > 0).astype(np.float32)]) for t in truths]

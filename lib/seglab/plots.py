@@ -35,6 +35,21 @@ def _figure(figsize):
     return Figure(figsize=figsize, layout="constrained")
 
 
+def _figure_and_axes(ax, figsize):
+    """(figure, axes): a new figure with one axes, or the figure of the axes given."""
+    if ax is None:
+        fig = _figure(figsize)
+        return fig, fig.add_subplot()
+    return ax.figure, ax
+
+
+def _scored_images(per_image: pd.DataFrame) -> pd.DataFrame:
+    """Rows of images with something to score (both-empty images have no ratio to plot)."""
+    if "both_empty" in per_image.columns:
+        return per_image[~per_image["both_empty"].astype(bool)]
+    return per_image
+
+
 def _check_columns(df: pd.DataFrame, columns: Sequence[str], what: str,
                    source: str = "seglab.metrics.evaluate") -> None:
     missing = [c for c in columns if c not in df.columns]
@@ -74,11 +89,7 @@ def plot_metric_vs_threshold(result, metrics: Sequence[str] = ("ap", "f1"), *, s
         table = result
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     _check_columns(table, ["threshold", *metrics], "plot_metric_vs_threshold")
-    if ax is None:
-        fig = _figure(figsize)
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, figsize)
     table = table.sort_values("threshold")
     x = table["threshold"].to_numpy(float)
     for m in metrics:
@@ -130,15 +141,10 @@ def plot_group_bars(per_image: pd.DataFrame, group: str, metric: str = "ap", thr
         raise SeglabError(f"plot_group_bars: threshold {threshold} was not evaluated "
                           f"(have {sorted(per_image['threshold'].unique())}); pick one of those")
     sub = per_image[at]
-    if "both_empty" in sub.columns:
-        sub = sub[~sub["both_empty"].astype(bool)]
+    sub = _scored_images(sub)
     groups = sorted(sub[group].dropna().unique(), key=str)
     rng = np.random.default_rng(seed)
-    if ax is None:
-        fig = _figure(figsize)
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, figsize)
     means, sds, counts = [], [], []
     for g in groups:
         vals = sub.loc[sub[group] == g, metric].to_numpy(float)
@@ -175,15 +181,10 @@ def plot_model_bars(per_image: pd.DataFrame, metrics: Sequence[str] = ("ap", "pr
     """
     _check_columns(per_image, ["model", "threshold", *metrics], "plot_model_bars")
     sub = per_image[np.isclose(per_image["threshold"].to_numpy(float), threshold)]
-    if "both_empty" in sub.columns:
-        sub = sub[~sub["both_empty"].astype(bool)]
+    sub = _scored_images(sub)
     models = list(model_order) if model_order else list(dict.fromkeys(sub["model"]))
     rng = np.random.default_rng(seed)
-    if ax is None:
-        fig = _figure(figsize)
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, figsize)
     width = 0.8 / max(1, len(models))
     colours = [f"C{i}" for i in range(len(models))]
     for j, model in enumerate(models):
@@ -217,11 +218,7 @@ def plot_group_model_bars(table: pd.DataFrame, group: str = "marker", metric: st
         sub = table[np.isclose(table["threshold"].to_numpy(float), threshold)]
     models = list(model_order) if model_order else list(dict.fromkeys(sub["model"]))
     groups = sorted(sub[group].unique(), key=str)
-    if ax is None:
-        fig = _figure(figsize)
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, figsize)
     width = 0.8 / max(1, len(models))
     for j, model in enumerate(models):
         g = sub[sub["model"] == model].set_index(group)
@@ -249,11 +246,7 @@ def plot_heatmap(table: pd.DataFrame, row: str, col: str, value: str, *, ax=None
     the colour scale symmetric around a value (e.g. 1 for predicted / true counts, with a diverging cmap)."""
     _check_columns(table, [row, col, value], "plot_heatmap")
     grid = table.pivot_table(index=row, columns=col, values=value, aggfunc="mean").sort_index().sort_index(axis=1)
-    if ax is None:
-        fig = _figure(figsize)
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, figsize)
     arr = grid.to_numpy(float)
     finite = arr[np.isfinite(arr)]
     lim = {}
@@ -309,11 +302,7 @@ def plot_outlines(image: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, thr
     for mask, labels, key in ((tp, y_pred, "tp"), (fp, y_pred, "fp"), (fn, y_true, "fn")):
         edge = find_boundaries(np.where(mask, labels, 0), mode="inner")
         rgb[edge] = OUTCOME_COLOURS[key]
-    if ax is None:
-        fig = _figure(figsize)
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, figsize)
     ax.imshow(rgb)
     ax.set_axis_off()
     n_fp = len(np.setdiff1d(np.unique(y_pred), np.r_[0, tp_pred]))
