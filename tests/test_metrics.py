@@ -517,3 +517,22 @@ def test_plots_return_figures(tmp_path):
     assert (tmp_path / "bars.png").stat().st_size > 1000
     with pytest.raises(SeglabError, match="not evaluated"):
         plots.plot_group_bars(res, "group", "ap", threshold=0.55)
+
+
+def test_pooled_match_equals_evaluate_pooled():
+    from seglab.metrics import evaluate, pooled_match
+
+    rng = np.random.default_rng(7)
+    truths, preds = [], []
+    for _ in range(4):
+        t = np.zeros((40, 40), np.uint16)
+        for k in range(1, 6):
+            y, x = rng.integers(0, 32, 2)
+            t[y:y + 7, x:x + 7] = k
+        truths.append(t)
+        preds.append(np.roll(t, int(rng.integers(0, 3)), axis=1))
+    preds[2][:] = 0
+    pooled = evaluate(list(zip(truths, preds)), thresholds=(0.5,)).pooled.iloc[0]
+    ours = pooled_match(truths, preds, 0.5)
+    for key in ("n_true", "n_pred", "tp", "fp", "fn", "precision", "recall", "f1", "ap", "panoptic_quality"):
+        assert ours[key] == pytest.approx(pooled[key]), key

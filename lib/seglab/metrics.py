@@ -389,6 +389,24 @@ def _match_rows(ov: Overlap, thresholds: Sequence[float]) -> list[dict]:
     return rows
 
 
+def pooled_match(y_trues: Sequence[np.ndarray], y_preds: Sequence[np.ndarray], threshold: float = 0.5) -> dict:
+    """One IoU threshold over many image pairs, pooled: n_true, n_pred, tp, fp, fn summed over
+    the images first, then precision, recall, f1, ap (and the IoU scores) from the sums, with
+    :func:`match`'s conventions (every ratio 0 when tp is 0).
+
+    The cheap form of ``evaluate(...).pooled`` for sweeps that score many settings.
+    """
+    (th,) = check_thresholds(threshold)
+    n_true = n_pred = tp = 0
+    sum_iou = 0.0
+    for y_true, y_pred in zip(y_trues, y_preds, strict=True):
+        ov = overlap(y_true, y_pred)
+        _, matched_iou = _match_threshold(ov, th)
+        n_true, n_pred, tp = n_true + ov.n_true, n_pred + ov.n_pred, tp + len(matched_iou)
+        sum_iou += float(matched_iou.sum())
+    return _scores(th, n_true, n_pred, tp, sum_iou)
+
+
 def match(y_true: np.ndarray, y_pred: np.ndarray, thresholds=DEFAULT_THRESHOLDS) -> pd.DataFrame:
     """Match the objects of two label images and score them at each IoU threshold.
 

@@ -123,21 +123,18 @@ def sweep_gates(items, gates: list[Gate], threshold: float = 0.5, pixel_size_um:
     f1, ap at the IoU ``threshold``, pooled over images (counts summed first),
     and n_removed. Instance statistics are computed once per image.
     """
-    from seglab.metrics import match
+    from seglab.metrics import pooled_match
 
     stats = [instance_stats(it["y_pred"], it["image"], pixel_size_um) for it in items]
     rows = []
     for gate in gates:
-        tp = fp = fn = removed = 0
+        preds, removed = [], 0
         for it, st in zip(items, stats):
             decisions = decide(st, gate, pixel_size_um)
             drop = decisions.loc[~decisions["kept"], "label"].to_numpy()
-            pred = np.where(np.isin(it["y_pred"], drop), 0, it["y_pred"]) if len(drop) else it["y_pred"]
-            r = match(it["y_true"], pred, thresholds=(threshold,)).iloc[0]
-            tp, fp, fn, removed = tp + int(r["tp"]), fp + int(r["fp"]), fn + int(r["fn"]), removed + len(drop)
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-        rows.append({**gate.as_dict(), "tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall,
-                     "f1": f1, "ap": tp / (tp + fp + fn) if tp + fp + fn else 0.0, "n_removed": removed})
+            preds.append(np.where(np.isin(it["y_pred"], drop), 0, it["y_pred"]) if len(drop) else it["y_pred"])
+            removed += len(drop)
+        pooled = pooled_match([it["y_true"] for it in items], preds, threshold)
+        rows.append({**gate.as_dict(), **{k: pooled[k] for k in ("tp", "fp", "fn", "precision", "recall", "f1", "ap")},
+                     "n_removed": removed})
     return pd.DataFrame(rows)

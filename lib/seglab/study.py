@@ -21,7 +21,6 @@ models and settings live here so that every notebook uses the same code.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -291,16 +290,14 @@ def evaluate_masks(split: SplitSet, masks: Sequence[np.ndarray], thresholds=(0.5
     return metrics.evaluate(pairs, groups=split.groups, thresholds=thresholds)
 
 
+POOLED_KEYS = ("tp", "fp", "fn", "n_pred", "precision", "recall", "f1", "ap")
+
+
 def pooled_counts(truths: Sequence[np.ndarray], preds: Sequence[np.ndarray], iou: float = 0.5) -> dict:
-    """tp, fp, fn summed over images at one IoU threshold, then precision, recall, f1, ap; n_pred."""
-    tp = fp = fn = n_pred = 0
-    for t, p in zip(truths, preds):
-        r = metrics.match(t, p, thresholds=(iou,)).iloc[0]
-        tp, fp, fn, n_pred = tp + int(r["tp"]), fp + int(r["fp"]), fn + int(r["fn"]), n_pred + int(r["n_pred"])
-    return {"tp": tp, "fp": fp, "fn": fn, "n_pred": n_pred,
-            "precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
-            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
-            "ap": tp / (tp + fp + fn) if tp + fp + fn else 0.0}
+    """tp, fp, fn summed over images at one IoU threshold, then precision, recall, f1, ap; n_pred
+    (``metrics.pooled_match``, trimmed to the columns of the sweep tables)."""
+    pooled = metrics.pooled_match(truths, preds, iou)
+    return {k: pooled[k] for k in POOLED_KEYS}
 
 
 def _raw_masks(output: dict, cellprob_threshold: float, niter: int | None, max_size_fraction: float = 0.4):
@@ -467,10 +464,6 @@ def set_threads(n: int | None = 1) -> int:
     if n:
         torch.set_num_threads(int(n))
     return int(torch.get_num_threads())
-
-
-def read_json(path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 # --------------------------------------------------------------------------------------
