@@ -182,6 +182,21 @@ def finetune(base: str, cohort_dir: str, variant: str = "generic", *, train_para
                                         progress=progress))
 
 
+E1_VARIANTS = ("finetuned_generic", "finetuned_marker_specific", "finetuned_marker_only")
+
+
+def e1_finetune_jobs(base: str, cohort_dir: str, *, train_params: dict, markers: Sequence[str],
+                     cache_dir: str = MODEL_CACHE) -> dict[str, dict]:
+    """E1's three fine-tunes as :func:`finetune` keyword arguments, by model name (E1_VARIANTS):
+    generic (every marker), marker-specific (the tiles of ``markers`` only) and marker-only
+    (every marker, DAPI zeroed). One list for the notebook (``efficiency.finetune_many``) and
+    for a Slurm array that trains them before the notebook runs."""
+    common = dict(base=base, cohort_dir=cohort_dir, train_params=train_params, cache_dir=cache_dir)
+    return {"finetuned_generic": dict(common, variant="generic"),
+            "finetuned_marker_specific": dict(common, variant="marker_specific", markers=list(markers)),
+            "finetuned_marker_only": dict(common, variant="marker_only")}
+
+
 def model_record(path: Path) -> dict:
     """What a run records about a checkpoint it used: path, sha256 and its sidecar's key fields."""
     from seglab import models
