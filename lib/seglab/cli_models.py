@@ -97,7 +97,8 @@ def add_commands(sub) -> None:
     p.add_argument("--cellprob-threshold", type=float, default=0.0)
     p.add_argument("--min-size", type=int, default=15, help="smallest object kept (px)")
     p.add_argument("--batch-tiles", type=int, default=8, help="tiles loaded and run together")
-    p.add_argument("--batch-size", type=int, default=8, help="network crops per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="network crops per forward pass (default: 8 on a GPU, 1 for tiny nets on the CPU)")
     p.add_argument("--save-outputs", action="store_true", help="also save flows + cellprob (outputs/<tile>.npz)")
     p.add_argument("--cpu", action="store_true", help="do not use a GPU even if there is one")
     p.add_argument("--threads", type=int, help="torch CPU threads")

@@ -216,6 +216,16 @@ class Model:
     def device(self):
         return None if self.cp is None else self.cp.device
 
+    @property
+    def default_batch_size(self) -> int:
+        """Network tiles per forward pass when the caller gives none: 8 on a GPU; on the CPU 1 for
+        the tiny U-Net, whose single 256 px tile stays in cache (measured 2x faster per tile than
+        batches of 8 on the 2-core machine) and 8 otherwise."""
+        dev = self.device
+        if dev is not None and dev.type == "cpu" and self.arch == "tiny_unet":
+            return 1
+        return 8
+
     # ---- input checks -----------------------------------------------------------------
     @staticmethod
     def as_network_input(image, *, name: str = "image") -> np.ndarray:
@@ -266,7 +276,7 @@ class Model:
 
     # ---- segmentation -------------------------------------------------------------------
     def segment(self, images, *, diameter_px="default", flow_threshold: float = 0.4,
-                cellprob_threshold: float = 0.0, min_size: int = 15, batch_size: int = 8,
+                cellprob_threshold: float = 0.0, min_size: int = 15, batch_size: int | None = None,
                 return_outputs: bool = False, tile_overlap: float = 0.1, augment: bool = False):
         """Segment one image ``(C, Y, X)`` or a same-shape stack ``(N, C, Y, X)`` / list.
 
@@ -277,7 +287,8 @@ class Model:
             (Otsu + watershed on channel 0), None skips rescaling; default: the
             model's (``"auto"`` for tiny nets, None for cpsam).
         flow_threshold, cellprob_threshold, min_size : cellpose's mask settings.
-        batch_size : network tiles per forward pass.
+        batch_size : network tiles per forward pass; None: the model's
+            :attr:`default_batch_size`.
         return_outputs : also return the network outputs (see ``masks_from_outputs``).
         tile_overlap, augment : passed to cellpose's eval: overlap of the network
             tiles (fraction of bsize) and test-time flips of overlapping tiles.
@@ -294,6 +305,7 @@ class Model:
         if not seq:
             raise SeglabError("segment: no images given")
         xs = [self._restrict(self.as_network_input(im, name=f"image {i}")) for i, im in enumerate(seq)]
+        batch_size = self.default_batch_size if batch_size is None else int(batch_size)
         if self.kind == "classical":
             diams = [self.resolve_diameter(x, diameter_px) for x in xs]
             masks = [classical_segment(x[0], diameter_px=d, min_size=min_size) for x, d in zip(xs, diams)]
@@ -469,6 +481,10 @@ def _wrap_net(net, device, pretrained: str):
     cp.pretrained_model = pretrained
     cp.backbone = net.backbone
     cp.net = net.to(device)
+    if device.type == "cpu" and net.backbone == "tiny_unet":
+        # measured on the 2-core CPU (torch 2.14, one thread): channels-last convolutions run the
+        # tiny U-Net 1.5-2x faster than the default layout, with identical masks
+        cp.net = cp.net.to(memory_format=_torch().channels_last)
     cp.net.eval()
     return cp
 

@@ -239,7 +239,7 @@ def _batches(items: Sequence, size: int) -> Iterator[list]:
 
 def predict(model: models.Model | str, tiles_dir, out_dir, *, shard=None, diameter_px="default",
             flow_threshold: float = 0.4, cellprob_threshold: float = 0.0, min_size: int = 15,
-            batch_tiles: int = 8, batch_size: int = 8, save_network_outputs: bool = False,
+            batch_tiles: int = 8, batch_size: int | None = None, save_network_outputs: bool = False,
             progress: bool = True, gpu: bool | None = None) -> pd.DataFrame:
     """Segment the tiles of one shard into ``out_dir``; returns the per-tile table.
 
@@ -253,7 +253,8 @@ def predict(model: models.Model | str, tiles_dir, out_dir, *, shard=None, diamet
         (no rescaling), or ``"default"`` (the model's).
     batch_tiles : tiles loaded and sent through cellpose together (same shape
         and diameter share network batches).
-    batch_size : network tiles (bsize x bsize crops) per forward pass.
+    batch_size : network tiles (bsize x bsize crops) per forward pass; None: the model's default
+        (``Model.default_batch_size``).
     save_network_outputs : also write ``outputs/<tile>.npz``.
 
     Returns
