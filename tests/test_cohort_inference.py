@@ -116,6 +116,20 @@ def test_shards_split_the_tiles_and_a_subset_is_a_sample(tiles, tmp_path):
         ci.predict_cohort("classical", d, SETTINGS, root=root, n_shards=2, shards=[2], log=lambda *a: None)
 
 
+def test_shards_in_worker_processes_give_the_same_masks(tiles, tmp_path):
+    import tifffile
+
+    d, counts = tiles
+    serial = ci.predict_cohort("classical", d, SETTINGS, root=tmp_path / "a", n_shards=3, log=lambda *a: None)
+    parallel = ci.predict_cohort("classical", d, SETTINGS, root=tmp_path / "b", n_shards=3, n_jobs=2,
+                                 log=lambda *a: None)
+    assert parallel.n_predicted == 4 and dict(zip(parallel.table["tile"], parallel.table["n_cells"])) == counts
+    for tid in counts:
+        assert np.array_equal(tifffile.imread(serial.folder / f"{tid}.tif"), tifffile.imread(parallel.folder / f"{tid}.tif"))
+    with pytest.raises(SeglabError, match="n_jobs=0"):
+        ci.predict_cohort("classical", d, SETTINGS, root=tmp_path / "c", n_jobs=0, log=lambda *a: None)
+
+
 def test_a_folder_made_for_something_else_is_refused(tiles, tmp_path):
     d, _ = tiles
     root = tmp_path / "pred"
