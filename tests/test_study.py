@@ -211,3 +211,27 @@ def test_rerun_sensitivity_runs_the_default_setting_once(small_set):
     assert len(calls) == 4
     assert table.iloc[0]["ap"] == table.iloc[2]["ap"] == table.iloc[3]["ap"]
     assert {c[2] for c in calls} == {False}
+
+
+def test_segment_cached_many_fills_the_cache_in_workers(tmp_path, monkeypatch, small_set):
+    from seglab import models
+
+    split, _ = small_set
+    model = models.load("tiny-xs", seed=0)
+    splits = [split, study.zero_dapi(split)]
+    study.segment_cached_many([dict(model=model, split=s, diameter_px=None, cache_dir=str(tmp_path / "w"))
+                               for s in splits], n_jobs=2, log=lambda *a: None)
+    fresh = [study.segment_cached(model, s, diameter_px=None, cache_dir=str(tmp_path / "here"), log=lambda *a: None)
+             for s in splits]
+
+    def boom(*a, **k):
+        raise AssertionError("the network ran again")
+
+    monkeypatch.setattr(study, "segment_split", boom)
+    for s, (masks, outs) in zip(splits, fresh):
+        cached_masks, cached_outs = study.segment_cached(model, s, diameter_px=None, cache_dir=str(tmp_path / "w"),
+                                                         log=lambda *a: None)
+        assert all(np.array_equal(a, b) for a, b in zip(masks, cached_masks))
+        assert all(np.allclose(a["dP"], b["dP"], atol=1e-5) for a, b in zip(outs, cached_outs))
+    with pytest.raises(SeglabError, match="n_jobs=0"):
+        study.segment_cached_many([], n_jobs=0)
