@@ -118,7 +118,7 @@ def _diameter(diameter_px):
 
 
 def evaluate_model(model, split: study.SplitSet, *, diameter_px=None, flow_threshold: float = 0.4,
-                   cellprob_threshold: float = 0.0, min_size: int = 15, iou: float = 0.5):
+                   cellprob_threshold: float = 0.0, min_size: int = 15, iou: float = 0.5, cached: bool = False):
     """Segment every tile of ``split`` once with ``model`` and score it at ``iou``.
 
     Parameters
@@ -127,6 +127,9 @@ def evaluate_model(model, split: study.SplitSet, *, diameter_px=None, flow_thres
     split : the tiles (see :func:`seglab.study.annotated_split`).
     diameter_px : object diameter in px; None = the model's default.
     flow_threshold, cellprob_threshold, min_size : cellpose's mask settings.
+    cached : take the network outputs from (and put them into) the cache of
+        :func:`seglab.study.segment_cached`, so a pass another notebook made on the
+        same tiles with the same weights is reused.
 
     Returns
     -------
@@ -135,8 +138,10 @@ def evaluate_model(model, split: study.SplitSet, *, diameter_px=None, flow_thres
     """
     if not isinstance(model, models.Model):
         model = models.load(model)
-    masks, _ = study.segment_split(model, split, diameter_px=_diameter(diameter_px), flow_threshold=flow_threshold,
-                                   cellprob_threshold=cellprob_threshold, min_size=min_size)
+    segment = study.segment_cached if cached else study.segment_split
+    extra = {"log": lambda *a: None} if cached else {}
+    masks, _ = segment(model, split, diameter_px=_diameter(diameter_px), flow_threshold=flow_threshold,
+                       cellprob_threshold=cellprob_threshold, min_size=min_size, **extra)
     ev = study.evaluate_masks(split, masks, thresholds=(iou,))
     return scores_from_per_image(ev.per_image, iou), ev.per_image, masks
 
@@ -163,10 +168,11 @@ def _finetune_logged(log, **kwargs) -> tuple[Path, bool, float]:
 
 def cached_model(base: str, cohort_dir: str, variant: str = "generic", *, train_params: dict,
                  markers: Sequence[str] | None = None, budget: int | None = None, budget_seed: int = 0,
-                 cache_dir: str = study.MODEL_CACHE) -> Path | None:
+                 cache_dir: str = study.MODEL_CACHE, validate: bool = True) -> Path | None:
     """The finished checkpoint :func:`seglab.study.finetune` would reuse for these arguments, or None,
     without training anything, so that a batch of fine-tunes can skip starting worker
-    processes when every model is cached."""
+    processes when every model is cached. (``validate`` is accepted and ignored: it is not part
+    of the cache key.)"""
     return study.finished_model(study.model_dir(base, cohort_dir, variant, train_params=train_params,
                                                 markers=markers, budget=budget, budget_seed=budget_seed,
                                                 cache_dir=cache_dir))
@@ -467,9 +473,12 @@ def lomo_markers(manifest: pd.DataFrame, markers: Sequence[str] | None = None) -
 
 def lomo_jobs(base: str, cohort_dir: str, markers: Sequence[str], *, train_params: dict,
               cache_dir: str = study.MODEL_CACHE) -> list[dict]:
-    """The :func:`seglab.study.finetune` arguments of each held-out marker's model (for :func:`finetune_many`)."""
+    """The :func:`seglab.study.finetune` arguments of each held-out marker's model (for :func:`finetune_many`).
+
+    E6 scores these models on the held-out marker's tiles only, so training skips its final
+    validation pass (over the other markers' validation tiles)."""
     return [dict(base=base, cohort_dir=cohort_dir, variant="leave_one_marker_out", train_params=train_params,
-                 markers=[m], cache_dir=cache_dir) for m in markers]
+                 markers=[m], cache_dir=cache_dir, validate=False) for m in markers]
 
 
 def finetune_lomo(base: str, cohort_dir: str, markers: Sequence[str], *, train_params: dict,
@@ -503,7 +512,8 @@ def finetune_lomo(base: str, cohort_dir: str, markers: Sequence[str], *, train_p
 def evaluate_lomo(lomo: pd.DataFrame, references: Mapping[str, object], split: study.SplitSet, *,
                   diameter_px=None, flow_threshold: float = 0.4, cellprob_threshold: float = 0.0,
                   min_size: int = 15, iou: float = 0.5,
-                  before: Callable[[str, dict], object] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  before: Callable[[str, dict], object] | None = None, n_jobs: int = 1,
+                  threads_per_job: int | None = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score each held-out marker's model on that marker's tiles of ``split``, and the reference models there too.
 
     Parameters
@@ -513,7 +523,11 @@ def evaluate_lomo(lomo: pd.DataFrame, references: Mapping[str, object], split: s
         "generic": path}; each runs once over all tiles of the held-out markers.
     split : the tiles to score (validation or test).
     before : called as ``before(name, config)`` right before each model's tiles
-        are segmented, e.g. ``run.record_test_evaluation`` for the test split.
+        are scored, e.g. ``run.record_test_evaluation`` for the test split.
+    n_jobs, threads_per_job : network passes run at once in worker processes
+        (:func:`seglab.study.segment_cached_many`). The outputs go through the cache of
+        :func:`seglab.study.segment_cached`, so the references reuse notebook 01's
+        passes over the same tiles.
 
     Returns
     -------
@@ -525,19 +539,26 @@ def evaluate_lomo(lomo: pd.DataFrame, references: Mapping[str, object], split: s
     held = split_subset(split, markers)
     settings = {"diameter_px": diameter_px, "flow_threshold": flow_threshold,
                 "cellprob_threshold": cellprob_threshold, "min_size": min_size, "iou": iou}
+    subs = {str(r["marker"]): split_subset(held, [r["marker"]]) for _, r in lomo.iterrows()}
+    pass_kw = dict(diameter_px=_diameter(diameter_px), flow_threshold=flow_threshold,
+                   cellprob_threshold=cellprob_threshold, min_size=min_size)
+    study.segment_cached_many(
+        [dict(model=str(paths.resolve(r["model"])), split=subs[str(r["marker"])], **pass_kw) for _, r in lomo.iterrows()]
+        + [dict(model=str(spec) if isinstance(spec, Path) else spec, split=held, **pass_kw)
+           for spec in references.values()], n_jobs=n_jobs, threads_per_job=threads_per_job, log=None)
     rows, per = [], []
     for _, r in lomo.iterrows():
-        sub = split_subset(held, [r["marker"]])
+        sub = subs[str(r["marker"])]
         if before is not None:
             before(f"lomo_{r['marker']}", {"model": r["model"], "held_out_marker": r["marker"], **settings})
-        scores, pi, _ = evaluate_model(paths.resolve(r["model"]), sub, **settings)
+        scores, pi, _ = evaluate_model(paths.resolve(r["model"]), sub, **settings, cached=True)
         rows.append({"marker": r["marker"], "model": "lomo", **scores})
         per.append(pi.assign(model="lomo"))
     for name, spec in references.items():
         if before is not None:
             before(name, {"model": spec if isinstance(spec, str) else str(getattr(spec, "spec", spec)),
                           "markers": markers, **settings})
-        _, pi, _ = evaluate_model(str(spec) if isinstance(spec, Path) else spec, held, **settings)
+        _, pi, _ = evaluate_model(str(spec) if isinstance(spec, Path) else spec, held, **settings, cached=True)
         per.append(pi.assign(model=name))
         for m in markers:
             rows.append({"marker": m, "model": name, **scores_from_per_image(pi[pi["marker"] == m], iou)})

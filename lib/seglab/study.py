@@ -154,7 +154,7 @@ def finished_model(folder: Path) -> Path | None:
 
 def finetune(base: str, cohort_dir: str, variant: str = "generic", *, train_params: dict,
              markers: Sequence[str] | None = None, budget: int | None = None, budget_seed: int = 0,
-             cache_dir: str = MODEL_CACHE, progress: bool = False, log=print) -> Path:
+             cache_dir: str = MODEL_CACHE, validate: bool = True, progress: bool = False, log=print) -> Path:
     """Fine-tune ``base`` on the cohort's annotated training tiles; returns the checkpoint path.
 
     Parameters
@@ -166,6 +166,9 @@ def finetune(base: str, cohort_dir: str, variant: str = "generic", *, train_para
     markers, budget, budget_seed : as in ``seglab.train.train_from_params``.
     cache_dir : parent of the content-addressed model folders (:func:`model_dir`); a
         finished model there is reused, an interrupted one resumes from its checkpoint.
+    validate : score the final weights on the validation tiles into the sidecar
+        (``seglab.train.fit``'s ``final_validation``). Not part of the cache key: the
+        weights are the same either way, so a model cached without it stays without it.
     """
     from seglab import train
 
@@ -178,8 +181,8 @@ def finetune(base: str, cohort_dir: str, variant: str = "generic", *, train_para
         log(f"[study] {variant}: reusing {out_dir.relative_to(root) if out_dir.is_relative_to(root) else out_dir}")
         return done
     log(f"[study] {variant}: fine-tuning {base} -> {out_dir}")
-    return Path(train.train_from_params({**cfg, "out_dir": str(out_dir)}, source=f"finetune({variant})",
-                                        progress=progress))
+    return Path(train.train_from_params({**cfg, "out_dir": str(out_dir), "final_validation": bool(validate)},
+                                        source=f"finetune({variant})", progress=progress))
 
 
 E1_VARIANTS = ("finetuned_generic", "finetuned_marker_specific", "finetuned_marker_only")
@@ -192,9 +195,11 @@ def e1_finetune_jobs(base: str, cohort_dir: str, *, train_params: dict, markers:
     (every marker, DAPI zeroed). One list for the notebook (``efficiency.finetune_many``) and
     for a Slurm array that trains them before the notebook runs."""
     common = dict(base=base, cohort_dir=cohort_dir, train_params=train_params, cache_dir=cache_dir)
-    return {"finetuned_generic": dict(common, variant="generic"),
-            "finetuned_marker_specific": dict(common, variant="marker_specific", markers=list(markers)),
-            "finetuned_marker_only": dict(common, variant="marker_only")}
+    # E1 scores every model on validation itself (and E2 and E6 reuse those network passes through
+    # the output cache), so training skips its own final validation pass
+    return {"finetuned_generic": dict(common, variant="generic", validate=False),
+            "finetuned_marker_specific": dict(common, variant="marker_specific", markers=list(markers), validate=False),
+            "finetuned_marker_only": dict(common, variant="marker_only", validate=False)}
 
 
 def model_record(path: Path) -> dict:
@@ -221,18 +226,25 @@ OUTPUT_CACHE = "data/cache/outputs"
 
 
 def _model_hash(model) -> str:
-    """sha256 of the weights a model runs with (file hash for checkpoints and the generalist)."""
+    """sha256 of the weights a model (a loaded Model, or its spec / checkpoint path) runs with
+    (file hash for checkpoints and the generalist; the spec for built-ins)."""
     from seglab import models
 
-    if model.kind == "classical":
+    if isinstance(model, (str, Path)):
+        spec, side = str(model), None
+        if spec != "generalist" and Path(spec).is_file() and models.sidecar_path(spec).is_file():
+            side = models.read_sidecar(spec).get("weights_sha256")
+        kind = "classical" if spec == "classical" else "cellpose"
+    else:
+        spec, side, kind = model.spec, model.meta.get("weights_sha256"), model.kind
+    if kind == "classical":
         return "classical"
-    if model.spec == "generalist":
+    if spec == "generalist":
         return io.sha256_file(models.GENERALIST_PATH)
-    side = model.meta.get("weights_sha256")
     if side:
         return side
-    p = Path(model.spec)
-    return io.sha256_file(p) if p.is_file() else str(model.spec)
+    p = Path(spec)
+    return io.sha256_file(p) if p.is_file() else str(spec)
 
 
 def _images_hash(split: SplitSet) -> str:
@@ -243,6 +255,13 @@ def _images_hash(split: SplitSet) -> str:
         h.update(name.encode())
         h.update(np.ascontiguousarray(x, np.float32).tobytes())
     return h.hexdigest()
+
+
+def _cached_output_files(model, split: SplitSet, diameter_px, cache_dir: str) -> list[Path]:
+    """Where :func:`segment_cached` keeps the outputs of ``model`` (Model or spec) on ``split``."""
+    key = params_hash({"model": _model_hash(model), "images": _images_hash(split), "diameter_px": diameter_px})
+    folder = paths.resolve(cache_dir) / key[:24]
+    return [folder / f"{name}.npz" for name in split.names]
 
 
 def segment_cached(model, split: SplitSet, *, diameter_px="default", flow_threshold: float = 0.4,
@@ -258,9 +277,8 @@ def segment_cached(model, split: SplitSet, *, diameter_px="default", flow_thresh
     """
     if model.kind == "classical":
         return segment_split(model, split, diameter_px=diameter_px, min_size=min_size)
-    key = params_hash({"model": _model_hash(model), "images": _images_hash(split), "diameter_px": diameter_px})
-    folder = paths.resolve(cache_dir) / key[:24]
-    files = [folder / f"{name}.npz" for name in split.names]
+    files = _cached_output_files(model, split, diameter_px, cache_dir)
+    folder = files[0].parent
     if all(f.is_file() for f in files):
         from seglab.predict import load_outputs
 
@@ -325,9 +343,13 @@ def segment_cached_many(tasks: Sequence[dict], *, n_jobs: int = 1, threads_per_j
 
     if int(n_jobs) < 1:
         raise SeglabError(f"n_jobs={n_jobs}: need at least 1 (segmentations run at once)")
+    tasks = [dict(t, model=str(getattr(t["model"], "spec", t["model"]))) for t in tasks]
+    # what the cache already holds is not redone (nor are workers started for it)
+    tasks = [t for t in tasks if t["model"] != "classical" and not all(
+        f.is_file() for f in _cached_output_files(t["model"], t["split"], t.get("diameter_px", "default"),
+                                                  t.get("cache_dir", OUTPUT_CACHE)))]
     if int(n_jobs) == 1 or len(tasks) <= 1:
         return
-    tasks = [dict(t, model=str(getattr(t["model"], "spec", t["model"]))) for t in tasks]
     # larger splits first, so the two workers end together
     tasks.sort(key=lambda t: -len(t["split"]))
     if log is not None:

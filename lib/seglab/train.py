@@ -174,7 +174,8 @@ def tiles_hash(ids: Sequence[str], images: Sequence[np.ndarray], labels: Sequenc
 def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], *,
         params: TrainParams, run_dir: str | Path, ids: Sequence[str] | None = None,
         val_images: Sequence[np.ndarray] | None = None, val_labels: Sequence[np.ndarray] | None = None,
-        meta: dict | None = None, stop_after_epochs: int | None = None, progress: bool = True) -> Path:
+        meta: dict | None = None, stop_after_epochs: int | None = None, progress: bool = True,
+        final_validation: bool = True) -> Path:
     """Fine-tune ``model``'s network; returns the path of the final checkpoint.
 
     Parameters
@@ -190,6 +191,9 @@ def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.n
     val_images, val_labels : optional validation set (loss every chunk).
     meta : extra sidecar fields (e.g. ``variant``, ``markers``).
     stop_after_epochs : stop (as if killed) once this many epochs are done; for tests.
+    final_validation : score the final weights on the validation set (AP@0.5 into the
+        sidecar's ``metrics``): one network pass over every validation tile, about a
+        third of a demo fine-tune's CPU time. The weights do not depend on it.
 
     Returns
     -------
@@ -340,7 +344,7 @@ def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.n
         "eval_bsize": model.bsize,
     })
     metrics = dict(sidecar.get("metrics") or {})
-    if val_x and val_labels is not None:
+    if val_x and val_labels is not None and final_validation:
         # validation AP@0.5 of the final weights, at the model's default rescaling
         v = evaluate_ap50(model, val_x, list(val_labels))
         metrics.update({"val_ap50_mean": v["ap50_mean"], "val_ap50_pooled": v["ap50_pooled"],
@@ -512,7 +516,8 @@ def pretrain_generalist(recipe: GeneralistRecipe, *, run_dir: str | Path, out_pa
 
 VARIANTS = ("generic", "marker_specific", "marker_only", "label_budget", "leave_one_marker_out")
 RUN_KEYS = {"model": str, "cohort_dir": str, "manifest": str, "out_dir": str, "variant": str,
-            "markers": list, "budget": int, "budget_seed": int, "diameter_px": float, "gpu": bool}
+            "markers": list, "budget": int, "budget_seed": int, "diameter_px": float, "gpu": bool,
+            "final_validation": bool}
 TRAIN_KEYS = {"n_epochs": int, "epochs": int, "learning_rate": float, "weight_decay": float, "batch_size": int,
               "bsize": int, "nimg_per_epoch": int, "scale_range": float, "rescale": bool,
               "min_train_masks": int, "checkpoint_every": int, "seed": int}
@@ -630,4 +635,4 @@ def train_from_params(cfg: dict, *, source: str = "params", progress: bool = Tru
             "val_tiles": list(va["tile_id"])}
     return fit(model, tr_x, tr_y, params=params, run_dir=run_dir, ids=list(tr["tile_id"]),
                val_images=va_x or None, val_labels=va_y or None, meta=meta, progress=progress,
-               stop_after_epochs=stop_after_epochs)
+               stop_after_epochs=stop_after_epochs, final_validation=bool(cfg.get("final_validation", True)))
