@@ -389,3 +389,72 @@ def test_sharded_predict_merge_and_a_shard_killed_midway_resumes_with_no_tile_lo
     (out / f"{shard1[0]}.tif").unlink()
     with pytest.raises(slurm.SeglabError, match="1 missing|masks unreadable"):
         slurm.merge_shards(cohort, out, 2, log=lambda *_: None)
+
+
+# --------------------------------------------------------------------------- prepare arrays
+
+PREP_CLUSTER_YAML = f"""\
+gpus: 0
+cpus: 1
+mem: 500M
+time: "00:05:00"
+signal_before_s: 10
+activate: "export PATH={VENV_BIN}:$PATH"
+setup: ["export OMP_NUM_THREADS=1"]
+jobs:
+  prepare: {{max_parallel: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def prep_project(tmp_path_factory):
+    """tests/prepare_project.py: E2 with one budget and the generic reference (two tiny fine-tunes)."""
+    from prepare_project import make_prepare_project
+    from seglab import simulate
+    base = tmp_path_factory.mktemp("prep")
+    cohort = simulate.simulate_cohort(base / "cohort", n_donors=3, tiles_per_marker=1, size_px=64, seed=0)
+    root = make_prepare_project(base / "project", cohort)
+    e2 = root / "params" / "tiny" / "02_label_efficiency.yaml"
+    e2.write_text(e2.read_text().replace("budgets:\n- 2\n- 1\n", "budgets:\n- 1\n"))
+    (root / "slurm").mkdir()
+    (root / "slurm" / "cluster.yaml").write_text(PREP_CLUSTER_YAML)
+    return root
+
+
+@pytest.mark.slurm
+def test_prepare_array_trains_before_the_notebook_which_then_trains_nothing_and_resubmission_prepares_nothing(
+        slurm_conf, prep_project):
+    root = prep_project
+    proc = cli(root, "submit-all", "--profile", "tiny", "--only", "02")
+    assert proc.returncode == 0, proc.stderr
+    prep, nb = last_record(root)["jobs"]
+    assert (prep["name"], prep["kind"], nb["name"]) == ("02_label_efficiency:prepare", "prepare", "02_label_efficiency")
+    assert nb["dependency"] == [prep["job_id"]] and prep["dependency"] == []
+    assert prep["array"]["spec"] == "0-1" and prep["array"]["submitted_tasks"] == [0, 1]
+    assert [(t["id"], t["label"]) for t in prep["array"]["tasks"]] == [(0, "budget=1 repeat=0"),
+                                                                       (1, "reference=finetuned_generic")]
+    script = (root / prep["script"]).read_text()
+    assert "#SBATCH --array=0-1%2" in script and "1) TASK_ARGS=(--task 1 --expect-label reference=finetuned_generic)" in script
+    # while those tasks are queued, another submission never trains the same models: it waits on them
+    twice = cli(root, "submit", "02", "--profile", "tiny", "--force", "--dry-run")
+    assert twice.returncode == 0 and "#SBATCH --array" not in twice.stdout, twice.stdout[-1500:]
+    assert f"afterok job {prep['job_id']} (queued earlier)" in twice.stdout
+    wait_for([prep["job_id"], nb["job_id"]], timeout=150)
+    for task, label in ((0, "budget=1 repeat=0"), (1, "reference=finetuned_generic")):
+        log = (root / prep["log"].replace("%a", str(task))).read_text()
+        assert f"item {task} ({label}): running" in log and f"item {task} ({label}): done in" in log, log[-2000:]
+    (m,) = manifests(root, "02_label_efficiency", "tiny")
+    assert m["status"] == "done" and m["slurm"]["job_id"] == nb["job_id"]
+    assert m["summary"]["n_models"] == 2 and m["summary"]["n_trained_here"] == 0   # all cached by the array
+    models = sorted(p.name.split("-")[0] for p in (root / "data" / "models").iterdir())
+    assert models == ["generic", "label_budget"]
+    status = cli(root, "status").stdout
+    assert "02_label_efficiency:prepare[1]" in status and "item 1: reference=finetuned_generic" in status
+    listed = cli(root, "prepare", "02", "--profile", "tiny", "--list").stdout
+    assert "2 prepare items, 2 done, 0 to do" in listed
+    n_before = len(submissions(root))
+    again = cli(root, "submit-all", "--profile", "tiny", "--only", "02")
+    assert again.returncode == 0 and "nothing to submit" in again.stdout and len(submissions(root)) == n_before
+    forced = cli(root, "submit", "02", "--profile", "tiny", "--force", "--dry-run")
+    assert forced.returncode == 0 and "#SBATCH --array" not in forced.stdout
+    assert "02_label_efficiency      2 prepare items cached" in forced.stdout

@@ -16,7 +16,7 @@ import sys
 from seglab import SeglabError, __version__, paths
 
 # Modules that contribute subcommands, in the order their commands are listed.
-COMMAND_MODULES = ["seglab.cli_runs", "seglab.cli_data", "seglab.cli_evaluate", "seglab.cli_slurm", "seglab.cli_models"]
+COMMAND_MODULES = ["seglab.cli_runs", "seglab.cli_data", "seglab.cli_evaluate", "seglab.cli_slurm", "seglab.cli_models", "seglab.cli_prepare"]
 
 
 def build_parser() -> argparse.ArgumentParser:

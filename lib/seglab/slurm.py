@@ -17,6 +17,9 @@ Slurm is the engine; this module only writes job scripts and calls ``sbatch``,
   run manifests (which record ``SLURM_JOB_ID``, node, log and script paths).
 - :func:`check_shards` is the merge step of sharded inference: every tile present
   exactly once across the shards' outputs.
+- Prepare arrays (:func:`_plan_prepare`): before a notebook with heavy work
+  (:mod:`seglab.prepare`: fine-tunes, inference shards), an array ``NN_name:prepare`` runs
+  the items not yet cached, one per task; the notebook waits on it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", 
                  "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                  "DEADLINE", "PREEMPTED"}
-SPECIAL_JOBS = ("predict", "merge")
+SPECIAL_JOBS = ("predict", "merge", "prepare")
+STAGES = ("prepare", "merge")   # per-notebook jobs: "<notebook>:prepare", "05_downstream:merge"
 
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
@@ -92,11 +96,19 @@ class Cluster:
     jobs: dict = field(default_factory=dict)   # name -> validated entry (None = not set)
 
     def resources(self, name: str) -> dict:
-        """The settings for job ``name``: defaults, then its ``jobs`` entry."""
+        """The settings for job ``name``: defaults, then its ``jobs`` entry.
+
+        A notebook's stage (``02_label_efficiency:prepare``) takes the defaults, then the
+        entry of the stage (``prepare``), then its own entry.
+        """
         out = dict(self.settings)
-        for key, value in (self.jobs.get(name) or {}).items():
-            if value is not None and key != "array":
-                out[key] = value
+        layers = [name]
+        if ":" in name:
+            layers = [name.split(":", 1)[1], name]
+        for layer in layers:
+            for key, value in (self.jobs.get(layer) or {}).items():
+                if value is not None and key != "array":
+                    out[key] = value
         return out
 
     def array_grid(self, name: str, profile: str) -> dict | None:
@@ -135,14 +147,19 @@ def load_cluster(path: str | os.PathLike | None = None, experiments: list[str] |
     jobs = {}
     for name, entry in (settings.pop("jobs") or {}).items():
         allowed = [*experiments, *SPECIAL_JOBS]
-        if name not in allowed:
+        if str(name) not in allowed and not (":" in str(name) and str(name).split(":", 1)[0] in experiments
+                                             and str(name).split(":", 1)[1] in STAGES):
             import difflib
             close = difflib.get_close_matches(str(name), allowed, n=1)
             raise ParamsError(f"{source}: jobs: unknown job '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
-                              + f"; allowed: {', '.join(allowed)} (notebooks of params/experiments.yaml, predict, merge)")
+                              + f"; allowed: {', '.join(allowed)} (notebooks of params/experiments.yaml, predict, merge, "
+                              "prepare, or NN_name:prepare)")
         entry = validate(entry or {}, Schema(f"jobs.{name}", source, JOB_SCHEMA.specs), f"{source}: jobs.{name}")
         _check_formats(entry, source, f"jobs.{name}.")
         if entry.get("array") is not None:
+            if ":" in str(name) or name in SPECIAL_JOBS:
+                raise ParamsError(f"{source}: jobs.{name}.array: only a notebook's entry takes an array grid "
+                                  "(prepare arrays are made from the notebook's work items)")
             entry["array"] = _check_array(entry["array"], source, name)
         jobs[name] = entry
     return Cluster(source=source, settings=settings, jobs=jobs)
@@ -270,21 +287,106 @@ def queue_states(job_ids: list[str]) -> dict[str, dict]:
     return out
 
 
-def sacct_states(job_ids: list[str]) -> dict[str, dict] | None:
-    """Final states from accounting; None when the cluster has none (sacct fails)."""
-    if not job_ids or shutil.which("sacct") is None:
-        return None
-    proc = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(sorted(set(job_ids))), "-o", "JobID,State,ExitCode,NodeList"])
-    if proc.returncode != 0:
-        return None
-    out = {}
-    for line in proc.stdout.splitlines():
-        parts = line.split("|")
-        if len(parts) >= 4:
-            state = parts[1].split()[0] if parts[1] else ""
-            out[parts[0]] = {"id": parts[0], "state": state, "exit_code": parts[2], "node": parts[3] or None,
-                             "source": "sacct"}
+SACCT_FIELDS = "JobID,State,ExitCode,NodeList,Reason"
+_SACCT_ID_RE = re.compile(r"^(?P<job>\d+)(?:_(?P<task>\d+|\[[^\]]*\]))?(?P<rest>.*)$")
+
+
+def _task_ids(spec: str) -> list[str]:
+    """Task ids of a pending array's summary row: ``[0-3%2]`` -> 0..3, ``[1,3,5-6]`` -> 1,3,5,6."""
+    out = []
+    for part in spec.strip("[]").split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out += [str(i) for i in range(int(lo), int(hi or lo) + 1)]
     return out
+
+
+def _exit_code(text: str) -> tuple[int | None, int | None]:
+    """sacct's ``ExitCode`` ``"3:0"`` -> (exit code 3, signal 0); ``"0:9"`` -> (0, signal 9)."""
+    code, _, sig = text.partition(":")
+    return (int(code) if code.isdigit() else None, int(sig) if sig.isdigit() else None)
+
+
+def parse_sacct(text: str) -> dict[str, dict]:
+    """Parse ``sacct -n -P -o JobID,State,ExitCode,NodeList,Reason`` (``-X`` or not).
+
+    Returns records keyed as :func:`queue_states` keys them: plain jobs (``123``), array tasks
+    (``123_4``) and, for each array, its id (``123``) with ``tasks`` ({task id: record}) and one
+    combined state. Steps (``123.batch``, ``123_4.extern``, ``123.0``) are not jobs and are
+    skipped. A pending array's summary row (``123_[0-3%2]``; also how a whole array cancelled
+    before it started is recorded) stands for each of its tasks; a task's own row wins over it.
+    ``State`` ``"CANCELLED by 1000"`` becomes ``CANCELLED`` with ``cancelled_by`` (the uid);
+    ``ExitCode`` ``"2:0"`` becomes ``exit_code`` 2 and ``signal`` 0; ``NodeList``
+    ``"None assigned"`` becomes None. A job listed twice (a requeued job, ``-D``) keeps its last row.
+    """
+    out: dict[str, dict] = {}
+    summary: dict[str, dict] = {}     # task key -> record from a [..] summary row
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 3 or not parts[0]:
+            continue
+        parts += [""] * (5 - len(parts))
+        m = _SACCT_ID_RE.match(parts[0])
+        if not m or m["rest"]:        # a step (123.batch, 123.0, 123+0.batch) or not a job id at all
+            continue
+        words = parts[1].split()
+        state = words[0].rstrip("+") if words else "UNKNOWN"
+        exit_code, signal = _exit_code(parts[2])
+        node = parts[3].strip()
+        rec = {"id": parts[0], "state": state, "exit_code": exit_code, "signal": signal,
+               "node": None if node in ("", "None assigned", "(null)") else node,
+               "reason": parts[4] if parts[4] not in ("", "None") else None, "source": "sacct"}
+        if len(words) >= 3 and words[1] == "by":
+            rec["cancelled_by"] = words[2]
+        job, task = m["job"], m["task"]
+        if task is None:
+            out[job] = rec
+        elif task.startswith("["):
+            for t in _task_ids(task):
+                summary[f"{job}_{t}"] = {**rec, "id": f"{job}_{t}"}
+        else:
+            out[f"{job}_{task}"] = rec
+    for key, rec in summary.items():
+        out.setdefault(key, rec)
+    arrays: dict[str, dict] = {}
+    for key, rec in out.items():
+        if "_" in key:
+            job, task = key.split("_", 1)
+            arrays.setdefault(job, {})[task] = rec
+    for job, tasks in arrays.items():
+        if job not in out:
+            out[job] = {"id": job, "tasks": dict(sorted(tasks.items(), key=lambda kv: int(kv[0]))),
+                        "state": _combine([t["state"] for t in tasks.values()]), "source": "sacct"}
+    return out
+
+
+def sacct_states(job_ids: list[str], why: list[str] | None = None) -> dict[str, dict] | None:
+    """States of jobs and array tasks from accounting (:func:`parse_sacct`), finished ones included.
+
+    None when the cluster has no accounting: no ``sacct`` here, or sacct fails (without a
+    database it says "Slurm accounting storage is disabled"), or slurmdbd does not answer in
+    time. ``why``, when given, receives the reason. Jobs sacct does not know are absent.
+    """
+    if not job_ids:
+        return {}
+    if shutil.which("sacct") is None:
+        if why is not None:
+            why.append("no sacct command here")
+        return None
+    # -j: sacct's time window is then all time; ids reused after a cold start of a cluster
+    # give the newest job with that id (sacct's rule without -D).
+    cmd = ["sacct", "-n", "-P", "-X", "-j", ",".join(sorted(set(job_ids))), "-o", SACCT_FIELDS]
+    try:
+        proc = _run(cmd, timeout=30)
+    except SlurmError as exc:          # slurmdbd down or slow: fall back to the queue
+        if why is not None:
+            why.append(str(exc))
+        return None
+    if proc.returncode != 0:
+        if why is not None:
+            why.append(" | ".join(proc.stderr.strip().splitlines()[-2:]) or f"sacct exit code {proc.returncode}")
+        return None
+    return parse_sacct(proc.stdout)
 
 
 def _combine(states: list[str]) -> str:
@@ -355,6 +457,11 @@ class Job:
     meta: dict = field(default_factory=dict)  # predict/merge: tiles, out, n_shards (for status)
     grid: dict | None = None                  # the array's grid (param -> values), recorded
 
+    @property
+    def stem(self) -> str:
+        """File name of its script and logs ("02_label_efficiency:prepare" -> "02_label_efficiency.prepare")."""
+        return self.name.replace(":", ".")
+
 
 @dataclass
 class Plan:
@@ -397,6 +504,7 @@ def queued_jobs(experiment: str, profile: str, array_spec: dict | None) -> list[
     for record in iter_submissions():
         for job in record.get("jobs", []):
             if job.get("experiment") == experiment and job.get("profile") == profile \
+                    and job.get("kind", "notebook") == "notebook" \
                     and job.get("grid") == array_spec and job.get("job_id"):
                 candidates.append({**job, "submission": record["id"]})
     if not candidates or shutil.which("squeue") is None:   # a dry run away from the cluster
@@ -407,7 +515,7 @@ def queued_jobs(experiment: str, profile: str, array_spec: dict | None) -> list[
 
 def plan_chain(profile: str, targets: list[str] | None, cluster: Cluster, force: bool = False,
                grid_override: dict | None = None, upstream: bool = True,
-               check_queue: bool = True) -> Plan:
+               check_queue: bool = True, prepare_arrays: bool = True) -> Plan:
     """What to submit for ``targets`` (default: the whole chain) in ``profile``.
 
     A notebook is skipped when a complete, up-to-date run exists (unless ``force`` or
@@ -415,6 +523,10 @@ def plan_chain(profile: str, targets: list[str] | None, cluster: Cluster, force:
     for it is still queued; otherwise it becomes a job (an array when cluster.yaml
     or ``grid_override`` gives it a grid), waiting ``afterok`` on the jobs of its needs.
     All params (every array task's) are validated before anything is submitted.
+
+    With ``prepare_arrays``, a notebook with heavy work (:mod:`seglab.prepare`: fine-tunes,
+    inference shards) not yet cached gets an array job ``<notebook>:prepare`` before it
+    (task id = item index; see :func:`_plan_prepare`), and the notebook waits on it.
     """
     from seglab.experiments import find_experiment, load_experiments, with_upstream
     root = paths.project_root()
@@ -425,6 +537,8 @@ def plan_chain(profile: str, targets: list[str] | None, cluster: Cluster, force:
     plan = Plan(profile=profile, jobs=[], skipped=[], reused=[])
     pending: dict[str, list[str]] = {}        # experiment -> job ids already queued (reused)
     planned: set[str] = set()
+    claimed: dict[str, str] = {}              # prepare item key -> the prepare job of this plan that runs it
+    busy_items = queued_prepare_items() if check_queue and prepare_arrays else {}
     for e in chain:
         grid = grid_override if (grid_override and targets and e.name in {find_experiment(t, root).name for t in targets}) \
             else cluster.array_grid(e.name, profile)
@@ -486,9 +600,101 @@ def plan_chain(profile: str, targets: list[str] | None, cluster: Cluster, force:
                     plan.skipped.append({"experiment": e.name, "reason": "up to date",
                                          "run_dir": os.path.relpath(fresh, root)})
                     continue
+            if prepare_arrays:
+                _plan_prepare(e, profile, cluster, job, plan, claimed, bool(upstream_busy), root, busy_items)
         plan.jobs.append(job)
         planned.add(e.name)
     return plan
+
+
+def queued_prepare_items() -> dict[str, str]:
+    """Prepare items of earlier submissions whose array task is still pending or running: {item key: array job id}."""
+    tasks = []
+    for record in iter_submissions():
+        for job in record.get("jobs", []):
+            if job.get("kind") == "prepare" and job.get("job_id") and job.get("array"):
+                keys = {str(t["id"]): t.get("key") for t in job["array"].get("tasks", [])}
+                tasks += [(job["job_id"], str(t), keys.get(str(t))) for t in job["array"].get("submitted_tasks", [])]
+    if not tasks or shutil.which("squeue") is None:
+        return {}
+    states = queue_states(sorted({jid for jid, _, _ in tasks}))
+    out = {}
+    for jid, tid, key in tasks:
+        q = states.get(f"{jid}_{tid}") or (states.get(jid, {}).get("tasks") or {}).get(tid)
+        if key and q and q.get("state") in ACTIVE_STATES:
+            out[key] = jid
+    return out
+
+
+def _plan_prepare(e, profile: str, cluster: Cluster, job: Job, plan: Plan, claimed: dict[str, str],
+                  upstream_busy: bool, root: Path, busy_items: dict[str, str] | None = None) -> None:
+    """Put ``<notebook>:prepare`` (and for 05 ``05_downstream:merge``) into ``plan`` before notebook ``job``.
+
+    Task ``i`` of the array runs ``seglab prepare NN --task i --expect-label <label>``: item ``i``
+    of :func:`seglab.prepare.work_items` (one list, shared with the notebook's library calls).
+    Items already cached are left out (unless a notebook they need is submitted now: the
+    cache may change, so every item is submitted and a task whose output is there skips it);
+    an item another prepare array of this plan runs (the generic model of 01, 02 and 06) is
+    left to that one, and the notebook waits on it too; so is an item whose task of an earlier
+    submission is still queued (two jobs never train one model folder at once). When the items cannot be listed yet
+    (E6 with every marker of a cohort 00 has not made), one job runs them all in turn.
+    The notebook job then waits ``afterok`` on its prepare job(s).
+    """
+    from seglab import prepare
+
+    if not prepare.has_items(e):
+        return
+    params, _ = load_params(e.name, profile, None, root)
+    name = f"{e.name}:prepare"
+    prep = Job(name=name, kind="prepare", title=f"{e.name} ({profile}): prepare (fine-tunes, inference shards)",
+               command=["seglab", "prepare", e.name, "--profile", profile], resources=cluster.resources(name),
+               experiment=e.name, profile=profile, needs=list(job.needs), after=list(job.after))
+    items = None
+    if not upstream_busy or prepare.listable_before_upstream(e, params):
+        try:
+            items = prepare.work_items(e, params)
+        except prepare.ItemsUnknown:
+            items = None
+    if items is None:
+        prep.command.append("--all")
+        prep.note = "one job, items in turn (the item list needs what an upstream notebook makes)"
+        plan.jobs.append(prep)
+        job.needs.append(name)
+        return
+    tasks, todo = [], []
+    for it in items:
+        t = {"id": it.index, "label": it.label, "key": it.key,
+             "args": ["--task", str(it.index), "--expect-label", it.label]}
+        if it.key in claimed:
+            t["note"] = f"run by {claimed[it.key]}"
+            if claimed[it.key] not in job.needs:
+                job.needs.append(claimed[it.key])
+        elif it.key in (busy_items or {}):
+            t["note"] = f"queued earlier: job {busy_items[it.key]}"
+            if busy_items[it.key] not in job.after:
+                job.after.append(busy_items[it.key])
+        elif not upstream_busy and it.done():
+            t["note"] = "cached"
+        else:
+            todo.append(it.index)
+            claimed[it.key] = name
+        tasks.append(t)
+    if not todo:
+        job.note = f"{len(items)} prepare items cached" if all(t.get("note") == "cached" for t in tasks) \
+            else "prepare items cached or run by another prepare array"
+        return
+    prep.tasks, prep.task_ids = tasks, todo
+    prep.note = f"prepare array: {len(todo)} of {len(items)} items" + (
+        f" ({len(items) - len(todo)} cached or run elsewhere)" if len(todo) < len(items) else "")
+    plan.jobs.append(prep)
+    job.needs.append(name)
+    if e.name in prepare.CHECKED:
+        check = Job(name=f"{e.name}:merge", kind="check", title=f"{e.name} ({profile}): every tile exactly once",
+                    command=["seglab", "prepare", e.name, "--profile", profile, "--check"],
+                    resources=cluster.resources(f"{e.name}:merge"), experiment=e.name, profile=profile,
+                    needs=[name], note="merge check: every tile of the shards exactly once")
+        plan.jobs.append(check)
+        job.needs.append(check.name)
 
 
 def plan_predict(model: str, tiles: str, out: str, shards: int, cluster: Cluster,
@@ -554,7 +760,7 @@ def template_path(name: str = TEMPLATE) -> Path:
 
 def sbatch_options(job: Job, log_dir: Path) -> list[str]:
     r = job.resources
-    opts = [f"--job-name=seglab-{job.name}" + (f"-{job.profile}" if job.profile else "")]
+    opts = [f"--job-name=seglab-{job.stem}" + (f"-{job.profile}" if job.profile else "")]
     if r.get("partition"):
         opts.append(f"--partition={r['partition']}")
     if r.get("account"):
@@ -568,9 +774,9 @@ def sbatch_options(job: Job, log_dir: Path) -> list[str]:
     if job.tasks:
         spec = _ranges(job.task_ids)
         opts.append(f"--array={spec}" + (f"%{r['max_parallel']}" if r.get("max_parallel") else ""))
-        opts.append(f"--output={log_dir}/{job.name}-%A_%a.out")
+        opts.append(f"--output={log_dir}/{job.stem}-%A_%a.out")
     else:
-        opts.append(f"--output={log_dir}/{job.name}-%j.out")
+        opts.append(f"--output={log_dir}/{job.stem}-%j.out")
     opts.append(f"--chdir={paths.project_root()}")
     opts += list(r.get("extra_sbatch") or [])
     return opts
@@ -604,8 +810,8 @@ def render(job: Job, submission_dir: Path, submission_id: str, cluster: Cluster,
     return env.get_template(template_path().name).render(
         title=job.title, seglab_command=seglab_command, created=_now(), submission_id=submission_id,
         submission_dir=str(submission_dir), sbatch_options=sbatch_options(job, log_dir),
-        root=str(paths.project_root()), script_path=str(submission_dir / f"{job.name}.sbatch"),
-        log_dir=str(log_dir), name=job.name, array=array,
+        root=str(paths.project_root()), script_path=str(submission_dir / f"{job.stem}.sbatch"),
+        log_dir=str(log_dir), name=job.stem, array=array,
         activate=settings.get("activate"), setup=settings.get("setup") or [],
         command=shlex.join(job.command), command_text=shlex.join(job.command).replace('"', "'"))
 
@@ -639,7 +845,8 @@ def describe(plan: Plan) -> str:
         lines.append(f"  {job.name:24s} {what}" + (f"  <- {', '.join(waits)}" if waits else ""))
         for t in job.tasks or []:
             mark = "run " if t["id"] in (job.task_ids or []) else "done"
-            lines.append(f"      [{mark}] task {t['id']}: {t['label']}" + (f"  ({t['done_run']})" if t.get("done_run") else ""))
+            why = t.get("done_run") or t.get("note")
+            lines.append(f"      [{mark}] task {t['id']}: {t['label']}" + (f"  ({why})" if why else ""))
     for s in plan.skipped:
         lines.append(f"  {s['experiment']:24s} skipped: {s['reason']}" + (f" ({s['run_dir']})" if s.get("run_dir") else ""))
     for r in plan.reused:
@@ -661,7 +868,7 @@ def submit(plan: Plan, cluster: Cluster, seglab_command: str, dry_run: bool = Fa
     submission_dir = submissions_dir() / submission_id
     if dry_run:
         for job in plan.jobs:
-            job.script = submission_dir / f"{job.name}.sbatch"
+            job.script = submission_dir / f"{job.stem}.sbatch"
             dep = [f"<{n}>" for n in job.needs] + job.after
             log(f"# ---- {job.script.name}" + (f"  (sbatch --dependency=afterok:{':'.join(dep)})" if dep else ""))
             log(render(job, submission_dir, submission_id, cluster, seglab_command))
@@ -681,7 +888,7 @@ def submit(plan: Plan, cluster: Cluster, seglab_command: str, dry_run: bool = Fa
     }
     ids: dict[str, str] = {}
     for job in plan.jobs:
-        job.script = submission_dir / f"{job.name}.sbatch"
+        job.script = submission_dir / f"{job.stem}.sbatch"
         io.write_text(job.script, render(job, submission_dir, submission_id, cluster, seglab_command))
         job.script.chmod(0o755)
         dependency = [ids[n] for n in job.needs] + list(job.after)
@@ -703,13 +910,13 @@ def submit(plan: Plan, cluster: Cluster, seglab_command: str, dry_run: bool = Fa
         record["jobs"].append({
             "name": job.name, "kind": job.kind, "experiment": job.experiment, "profile": job.profile,
             "job_id": job.job_id, "dependency": dependency, "script": os.path.relpath(job.script, root),
-            "log": os.path.relpath(submission_dir / "logs" / (f"{job.name}-{job.job_id}_%a.out" if job.tasks
-                                                               else f"{job.name}-{job.job_id}.out"), root),
+            "log": os.path.relpath(submission_dir / "logs" / (f"{job.stem}-{job.job_id}_%a.out" if job.tasks
+                                                               else f"{job.stem}-{job.job_id}.out"), root),
             "command": job.command, "resources": job.resources,
             "grid": job.grid,
             "array": None if not job.tasks else {
                 "spec": _ranges(job.task_ids), "n_tasks": len(job.tasks), "submitted_tasks": job.task_ids,
-                "tasks": [{k: t[k] for k in ("id", "label", "args", "overrides", "done_run") if k in t}
+                "tasks": [{k: t[k] for k in ("id", "label", "args", "overrides", "done_run", "note", "key") if k in t}
                           for t in job.tasks]},
             "meta": job.meta or None, "submitted": _now(),
         })
@@ -761,19 +968,25 @@ def _manifests_by_job(record: dict) -> dict[str, tuple[Path, dict]]:
 def status(ref: str | None = None) -> dict:
     """Each job of a submission (array tasks one by one) with its queue state and its run.
 
-    Returns ``{"submission": record, "rows": [...], "accounting": bool}``; a row has
-    ``name, job_id, state, reason, node, run_status, run_dir, missing, log, cancelled_because``.
+    Returns ``{"submission": record, "rows": [...], "accounting": bool, "queue_error": str | None,
+    "accounting_error": str | None}``; a row has ``name, job_id, state, reason, node, exit_code,
+    signal, source, run_status, run_dir, missing, log, cancelled_because``. ``source`` says where
+    the state came from: ``squeue`` (the controller still knows the job), ``sacct`` (accounting;
+    the only source once the controller forgot a finished job, after ``MinJobAge``) or
+    ``manifest``; ``exit_code``/``signal`` come from sacct (None without accounting).
     """
     from seglab import runs
     record = load_submission(ref)
     root = paths.project_root()
     ids = [j["job_id"] for j in record.get("jobs", []) if j.get("job_id")]
-    queue_error = None
+    queue_error, acct_why = None, []
     try:
         queue = queue_states(ids)
-        acct = sacct_states(ids)
     except SlurmError as exc:   # away from the cluster: the manifests still tell what ran
-        queue, acct, queue_error = {}, None, str(exc)
+        queue, queue_error = {}, str(exc)
+    # sacct, where the cluster has accounting, knows jobs the controller has forgotten (after
+    # MinJobAge) with their exit codes; None (a failing sacct) falls back to the queue and manifests.
+    acct = sacct_states(ids, why=acct_why)
     manifests = _manifests_by_job(record)
     failed_ids: dict[str, str] = {}
     rows = []
@@ -786,7 +999,10 @@ def status(ref: str | None = None) -> dict:
             q = queue.get(key) or (queue.get(jid, {}).get("tasks", {}).get(str(task)) if task is not None else None)
             a = (acct or {}).get(key)
             run_dir, m = manifests.get(key, (None, None))
+            # The controller's view first (current while it remembers the job; sacct may lag a
+            # moment behind it), then accounting's.
             state = (q or a or {}).get("state")
+            source = "squeue" if q else "sacct" if a else None
             if state is None and job.get("cancelled"):
                 state = "CANCELLED"
             if state is None:   # the controller forgot it and there is no accounting: the manifest tells
@@ -794,7 +1010,8 @@ def status(ref: str | None = None) -> dict:
                     (m or {}).get("status"), "UNKNOWN (not in the queue)")
             log_path = job["log"].replace("%a", str(task)) if task is not None else job["log"]
             row = {"name": job["name"] + (f"[{task}]" if task is not None else ""), "job_id": key, "state": state,
-                   "reason": (q or {}).get("reason"), "node": (q or a or {}).get("node") or ((m or {}).get("slurm") or {}).get("node"),
+                   "reason": (q or a or {}).get("reason"), "node": (q or a or {}).get("node") or ((m or {}).get("slurm") or {}).get("node"),
+                   "exit_code": (a or {}).get("exit_code"), "signal": (a or {}).get("signal"), "source": source or "manifest",
                    "run_status": (m or {}).get("status"), "run_dir": os.path.relpath(run_dir, root) if run_dir else None,
                    "missing": [], "log": log_path, "error": (m or {}).get("error"), "cancelled_because": None,
                    "dependency": job.get("dependency") or []}
@@ -805,6 +1022,12 @@ def status(ref: str | None = None) -> dict:
             if job.get("kind") == "predict" and task is not None:
                 row["outputs"] = ("shard complete" if shard_complete(meta["tiles"], meta["out"], int(task), meta["n_shards"])
                                   else "shard incomplete") + f" in {meta['out']}"
+            elif job.get("kind") == "prepare" and task is not None:
+                label = next((t.get("label") for t in (job.get("array") or {}).get("tasks", [])
+                              if str(t.get("id")) == str(task)), None)
+                row["outputs"] = f"item {task}: {label}"
+            elif job.get("kind") == "check":
+                row["outputs"] = f"merge check (every tile exactly once); log {log_path}"
             elif job.get("kind") == "merge":
                 check_file = Path(meta["out"]) / "shards_check.json"
                 try:
@@ -820,19 +1043,33 @@ def status(ref: str | None = None) -> dict:
             parents = [failed_ids[d] for d in row["dependency"] if d in failed_ids]
             if parents:
                 row["cancelled_because"] = parents
-    return {"submission": record, "rows": rows, "accounting": acct is not None, "queue_error": queue_error}
+    return {"submission": record, "rows": rows, "accounting": acct is not None, "queue_error": queue_error,
+            "accounting_error": acct_why[0] if acct_why else None}
+
+
+def _exit_text(row: dict) -> str:
+    """`` exit 3`` / `` signal 9`` for a job that ended (from sacct); empty otherwise."""
+    if row.get("exit_code") is None or row["state"] in ACTIVE_STATES:
+        return ""
+    if row["state"] == "CANCELLED" and not row["exit_code"] and not row.get("signal"):
+        return ""   # sacct records 0:0 for a cancelled job, started or not: says nothing
+    if row.get("signal"):
+        return f" signal {row['signal']}"
+    return f" exit {row['exit_code']}"
 
 
 def format_status(result: dict) -> str:
     record = result["submission"]
+    why = f" ({result['accounting_error']})" if result.get("accounting_error") else ""
     lines = [f"submission {record['id']} ({record.get('command')}), {record.get('status')}"
-             + ("" if result["accounting"] or result.get("queue_error") else
-                "; no accounting (sacct): finished jobs are read from `squeue -t all` while the "
+             + ("; states from squeue and sacct" if result["accounting"] else "" if result.get("queue_error") else
+                f"; no accounting (sacct{why}): finished jobs are read from `squeue -t all` while the "
                 "controller remembers them, then from the run manifests")]
     if result.get("queue_error"):
-        lines.append(f"  warning: no queue state, from the run manifests only: {result['queue_error']}")
+        lines.append(f"  warning: no queue state, from {'sacct and ' if result['accounting'] else ''}the run "
+                     f"manifests only: {result['queue_error']}")
     for row in result["rows"]:
-        state = row["state"] + (f" ({row['reason']})" if row["reason"] and row["reason"] not in ("None", "") else "")
+        state = row["state"] + _exit_text(row) + (f" ({row['reason']})" if row["reason"] and row["reason"] not in ("None", "") else "")
         run = (f"run {row['run_status']}: {row['run_dir']}" if row["run_dir"]
                else row.get("outputs") or "no run yet")
         lines.append(f"  {row['name']:22s} job {row['job_id']:10s} {state:32s} {run}")

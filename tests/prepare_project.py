@@ -1,0 +1,88 @@
+"""A throw-away compendium for testing ``seglab prepare`` and its Slurm arrays.
+
+``make_prepare_project(root, cohort_dir)`` copies the real schemas of notebooks 01, 02, 05
+and 06 (so that ``seglab.prepare`` sees the same params as in the study), writes a ``tiny``
+profile (the ``tiny-xs`` net, 1 epoch of 4 crops of 64 px, on a tiny simulated cohort) and a
+probe notebook ``02_label_efficiency`` that makes exactly the fine-tunes of the real notebook
+02 (``efficiency.label_budget_jobs`` + the generic reference, through ``finetune_many``) and
+records in its summary how many it had to train itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from probe_project import notebook
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ("01_baseline_vs_finetune", "02_label_efficiency", "05_downstream", "06_leave_one_marker_out")
+
+TINY_DEFAULTS = """\
+cohort_dir: {cohort_dir}
+seed: 0
+baseline_model: tiny-xs
+diameter_px: null
+epochs: 1
+learning_rate: 0.01
+weight_decay: 0.0001
+batch_size: 4
+bsize: 64
+nimg_per_epoch: 4
+flow_threshold: 0.4
+cellprob_threshold: 0.0
+min_size: 5
+"""
+
+TINY = {
+    "01_baseline_vs_finetune": "markers: [gfap]\nn_jobs: 1\ntorch_threads: 1\n",
+    "02_label_efficiency": "budgets: [2, 1]\nrepeats: 1\nreference_full_data: true\nn_jobs: 1\ntorch_threads: 1\n"
+                           "rescore_per_image: false\n",
+    "05_downstream": "n_shards: 2\nshards: null\nbatch_tiles: 4\nbootstrap_B: 0\n",
+    "06_leave_one_marker_out": "lomo_markers: [gfap]\nn_jobs: 1\ntorch_threads: 1\n",
+}
+
+E2_CELLS = [
+    ("parameters", 'cohort_dir = ""\nseed = 0\nbaseline_model = "tiny-xs"\nepochs = 1\nlearning_rate = 0.01\n'
+                   "weight_decay = 0.0001\nbatch_size = 4\nbsize = 64\nnimg_per_epoch = 4\nbudgets = [1]\nrepeats = 1\n"
+                   'reference_full_data = True\ntorch_threads = 1\nrun_dir = None\nprofile = "interactive"'),
+    ("code", "import torch\ntorch.set_num_threads(1)\nfrom seglab.runs import attach\n"
+             "from seglab import efficiency, study\nrun = attach('02_label_efficiency', run_dir, profile)"),
+    # the fine-tunes of notebooks/02_label_efficiency.ipynb (section 2), as it makes them
+    ("code", "tp = study.train_params(dict(epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay,\n"
+             "    batch_size=batch_size, bsize=bsize, nimg_per_epoch=nimg_per_epoch, seed=seed))\n"
+             "jobs = efficiency.label_budget_jobs(baseline_model, cohort_dir, sorted(set(budgets)), repeats, train_params=tp)\n"
+             "if reference_full_data:\n"
+             "    jobs.append(dict(base=baseline_model, cohort_dir=cohort_dir, variant='generic', train_params=tp))\n"
+             "fits = efficiency.finetune_many(jobs, n_jobs=1)\n"
+             "run.summary(n_models=len(fits), n_trained_here=sum(not f['cached'] for f in fits))"),
+]
+
+
+def make_prepare_project(root: Path, cohort_dir: Path, needs_01: bool = False) -> Path:
+    """The project: experiments 01, 02, 05, 06 (02 needs nothing; 05 and 06 need 01), profile ``tiny``."""
+    root = Path(root)
+    (root / "params" / "schema").mkdir(parents=True)
+    (root / "params" / "tiny").mkdir()
+    (root / "notebooks").mkdir()
+    (root / "params" / "experiments.yaml").write_text(
+        "experiments:\n"
+        "  01_baseline_vs_finetune:\n    title: E1 probe\n    needs: []\n"
+        f"  02_label_efficiency:\n    title: E2 probe\n    needs: [{'01_baseline_vs_finetune' if needs_01 else ''}]\n"
+        "  05_downstream:\n    title: E5 probe\n    needs: [01_baseline_vs_finetune]\n"
+        "  06_leave_one_marker_out:\n    title: E6 probe\n    needs: [01_baseline_vs_finetune]\n")
+    for name in NOTEBOOKS:
+        shutil.copy(REPO / "params" / "schema" / f"{name}.yaml", root / "params" / "schema" / f"{name}.yaml")
+        # the demo profile's values, with the tiny ones on top
+        own = {**(yaml.safe_load((REPO / "params" / "demo" / f"{name}.yaml").read_text()) or {}),
+               **yaml.safe_load(TINY[name])}
+        (root / "params" / "tiny" / f"{name}.yaml").write_text(yaml.safe_dump(own, sort_keys=False))
+    (root / "params" / "tiny" / "defaults.yaml").write_text(TINY_DEFAULTS.format(cohort_dir=cohort_dir))
+    import nbformat
+
+    nbformat.write(notebook(E2_CELLS), str(root / "notebooks" / "02_label_efficiency.ipynb"))
+    for name in ("01_baseline_vs_finetune", "05_downstream", "06_leave_one_marker_out"):   # never run here
+        nbformat.write(notebook([("parameters", "run_dir = None")]), str(root / "notebooks" / f"{name}.ipynb"))
+    return root
