@@ -114,29 +114,34 @@ def test_label_budget_runs_train_score_and_reuse(cohort, manifest, tmp_path):
     val = study.annotated_split(manifest, "val")
     cache = str(tmp_path / "models")
     kw = dict(train_params=TP, val=val, cache_dir=cache, log=None)
-    runs, per = efficiency.label_budget_runs("tiny-xs", str(cohort), [2, 1], 1, **kw)
-    assert list(zip(runs["budget"], runs["budget_seed"])) == [(2, 0), (1, 0)]
-    assert list(runs["n_train_tiles"] + runs["n_dropped_tiles"]) == [2, 1]
-    assert not runs["cached"].any()
-    for _, r in runs.iterrows():
+    # without rescoring, training scores each model on validation and the notebook reads it back
+    quick, none = efficiency.label_budget_runs("tiny-xs", str(cohort), [2, 1], 1, rescore=False, **kw)
+    assert none.empty and not quick["cached"].any()
+    assert list(zip(quick["budget"], quick["budget_seed"])) == [(2, 0), (1, 0)]
+    assert list(quick["n_train_tiles"] + quick["n_dropped_tiles"]) == [2, 1]
+    for _, r in quick.iterrows():
         side = models.read_sidecar(r["model"])
         assert side["variant"] == "label_budget" and side["budget"] == r["budget"]
         assert r["train_tiles_hash"] == efficiency.tile_ids_hash(side["train_tiles"] + side["dropped_tiles"])
         assert 0 <= r["ap_pooled"] <= 1 and r["n_images"] == len(val)
-    # every (budget, seed) model was scored on every validation tile
-    assert len(per) == len(runs) * len(val)
-    # the same grid again trains nothing; without rescoring, the validation AP comes from the training sidecars: same pooled AP, no per-tile table
-    quick, none = efficiency.label_budget_runs("tiny-xs", str(cohort), [2, 1], 1, rescore=False, **kw)
-    assert none.empty and quick["cached"].all()
+    # the same grid again trains nothing; rescoring segments every validation tile (two workers) and
+    # gives the same pooled AP as training's own pass
+    runs, per = efficiency.label_budget_runs("tiny-xs", str(cohort), [2, 1], 1, n_jobs=2, **kw)
+    assert runs["cached"].all() and len(per) == len(runs) * len(val)
     assert np.allclose(quick["ap_pooled"], runs["ap_pooled"], atol=1e-6)
     with pytest.raises(SeglabError, match="rescore_per_image"):
         efficiency.label_budget_runs("tiny-xs", str(cohort), [1], 1, rescore=False, flow_threshold=0.6, **kw)
+    # a model trained for rescoring skips training's validation pass: nothing to read back
+    fresh, _ = efficiency.label_budget_runs("tiny-xs", str(cohort), [1], 1, **{**kw, "cache_dir": str(tmp_path / "m2")})
+    assert "val_ap50_pooled" not in (models.read_sidecar(fresh.loc[0, "model"]).get("metrics") or {})
+    with pytest.raises(SeglabError, match="no validation AP"):
+        efficiency.sidecar_val_scores(fresh.loc[0, "model"])
     fig = efficiency.plot_learning_curve(runs, {"ap_pooled": "val AP", "ap_mean": "val AP (mean)"},
                                          references={"ap_pooled": {"baseline": 0.1, "all tiles": 0.5}},
                                          plateau={"ap_pooled": 2}, tolerance=0.02)
     assert efficiency.label_budget_jobs("g", "c", [4, 12], 2, train_params=TP)[1] == dict(
         base="g", cohort_dir="c", variant="label_budget", train_params=TP, budget=4, budget_seed=1,
-        cache_dir=study.MODEL_CACHE)
+        cache_dir=study.MODEL_CACHE, validate=True)
     assert len(fig.axes) == 2
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert any("plateau: 2 tiles" in lb for lb in labels) and any(lb.startswith("baseline") for lb in labels)

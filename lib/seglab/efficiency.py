@@ -274,12 +274,20 @@ def check_budgets(manifest: pd.DataFrame, budgets: Sequence[int], repeats: int) 
     return budgets
 
 
+def reference_job(base: str, cohort_dir: str, *, train_params: dict, cache_dir: str = study.MODEL_CACHE) -> dict:
+    """The :func:`seglab.study.finetune` arguments of the full-data generic model, the reference of
+    E2 and E6 (the same cache entry as E1's generic model and E5's fine-tuned one)."""
+    return dict(base=base, cohort_dir=cohort_dir, variant="generic", train_params=train_params, cache_dir=cache_dir)
+
+
 def label_budget_jobs(base: str, cohort_dir: str, budgets: Sequence[int], repeats: int, *, train_params: dict,
-                      cache_dir: str = study.MODEL_CACHE) -> list[dict]:
+                      cache_dir: str = study.MODEL_CACHE, validate: bool = True) -> list[dict]:
     """The :func:`seglab.study.finetune` arguments of every (budget, repeat), budget-major
-    (for :func:`finetune_many`, e.g. together with the generic model)."""
+    (for :func:`finetune_many`, e.g. together with the generic model). ``validate``: training
+    scores its final weights on validation (what ``rescore=False`` reads back)."""
     return [dict(base=base, cohort_dir=cohort_dir, variant="label_budget", train_params=train_params, budget=int(b),
-                 budget_seed=r, cache_dir=cache_dir) for b in budgets for r in range(int(repeats))]
+                 budget_seed=r, cache_dir=cache_dir, validate=bool(validate))
+            for b in budgets for r in range(int(repeats))]
 
 
 def label_budget_runs(base: str, cohort_dir: str, budgets: Sequence[int], repeats: int, *, train_params: dict,
@@ -307,18 +315,24 @@ def label_budget_runs(base: str, cohort_dir: str, budgets: Sequence[int], repeat
         (";"-joined), model (path), cached, fit_s, eval_s, then ``SCORE_COLUMNS``.
     per_image : DataFrame, ``Evaluation.per_image`` rows with budget and budget_seed (empty without ``rescore``).
     """
-    jobs = label_budget_jobs(base, cohort_dir, budgets, repeats, train_params=train_params, cache_dir=cache_dir)
+    # rescored here, so training skips its own validation pass
+    jobs = label_budget_jobs(base, cohort_dir, budgets, repeats, train_params=train_params, cache_dir=cache_dir,
+                             validate=not rescore)
     grid = [(j["budget"], j["budget_seed"]) for j in jobs]
     if not rescore:  # before any training: the stored validation AP must mean what the caller asks
         _check_default_settings(diameter_px, flow_threshold, cellprob_threshold, min_size, iou)
     fits = finetune_many(jobs, n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)
+    if rescore:  # the network passes n_jobs at a time, into the output cache evaluate_model reads
+        study.segment_cached_many([dict(model=str(f["path"]), split=val, diameter_px=_diameter(diameter_px))
+                                   for f in fits], n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)
     rows, per = [], []
     for (b, r), fit in zip(grid, fits):
         ids, dropped = _trained_on(fit["path"])
         t0 = time.monotonic()
         if rescore:
             scores, pi, _ = evaluate_model(fit["path"], val, diameter_px=diameter_px, flow_threshold=flow_threshold,
-                                           cellprob_threshold=cellprob_threshold, min_size=min_size, iou=iou)
+                                           cellprob_threshold=cellprob_threshold, min_size=min_size, iou=iou,
+                                           cached=True)
             per.append(pi.assign(budget=b, budget_seed=r))
         else:
             scores = sidecar_val_scores(fit["path"], n_expected=len(val))

@@ -95,11 +95,11 @@ def _finetune_key(job: dict) -> str:
 
 
 def _reference_generic(params: dict) -> dict:
-    from seglab import study
+    from seglab import efficiency, study
 
     # the full-data reference of 02 and 06 (and E1's generic model, and E5's fine-tuned model)
-    return dict(base=params["baseline_model"], cohort_dir=params["cohort_dir"], variant="generic",
-                train_params=study.train_params(params))
+    return efficiency.reference_job(params["baseline_model"], params["cohort_dir"],
+                                    train_params=study.train_params(params))
 
 
 def _e1_items(params: dict) -> list[Item]:

@@ -802,7 +802,7 @@ def outputs_sensitivity(split: SplitSet, outputs: Sequence[dict], grid: dict, ba
 
 
 def rerun_sensitivity(model, split: SplitSet, grid: dict, base: dict, *, iou: float = 0.5,
-                      batch_size: int | None = None) -> pd.DataFrame:
+                      batch_size: int | None = None, diameter_px=None) -> pd.DataFrame:
     """AP, F1 and cell counts when a setting of the network pass moves (the network reruns).
 
     Parameters
@@ -813,6 +813,8 @@ def rerun_sensitivity(model, split: SplitSet, grid: dict, base: dict, *, iou: fl
         relative to the default), ``tile_overlap`` (fraction of the network tile)
         and ``augment`` (test-time flips of overlapping tiles).
     base : flow_threshold, cellprob_threshold, min_size for the masks.
+    diameter_px : the diameter (px) factor 1.0 stands for, as the notebooks' ``diameter_px``
+        param; None: the model's default per tile (see ``grid``).
 
     Returns one row per (parameter, value) like :func:`outputs_sensitivity`, plus seconds (wall time
     of the network pass and masks; the default setting runs once and its rows share its time).
@@ -824,8 +826,8 @@ def rerun_sensitivity(model, split: SplitSet, grid: dict, base: dict, *, iou: fl
         raise SeglabError(f"rerun_sensitivity: unknown parameter(s) {bad}; use {', '.join(RERUN_PARAMS)} "
                           f"(and outputs_sensitivity for {', '.join(OUTPUT_PARAMS)})")
     mask_kw = {k: base[k] for k in ("flow_threshold", "cellprob_threshold", "min_size") if k in base}
-    default_d = [model.resolve_diameter(model.as_network_input(x), "default") or model.diam_mean_px
-                 for x in split.images]
+    default_d = [model.resolve_diameter(model.as_network_input(x), "default" if diameter_px is None else diameter_px)
+                 or model.diam_mean_px for x in split.images]
     defaults = {"diameter_factor": 1.0, "tile_overlap": 0.1, "augment": False}
     done: dict = {}  # the default setting appears once per parameter: run it once
     rows = []
