@@ -56,6 +56,9 @@ def test_demo_chain_runs_end_to_end_and_shows_the_study_facts(repo_root, tmp_pat
     assert len(selected) == len(set(selected)) >= 2
 
     e5 = manifests["05_downstream"]["summary"]
+    assert e5["n_tiles"] == e5["n_tiles_cohort"], "the demo's E5 analyses every tile"
+    # the ground-truth masks must find something, or "recovering the truth calls" means nothing
+    assert e5["sig_tests_truth"] > 0, e5
     assert e5["planted_sign_correct_finetuned"] >= e5["planted_sign_correct_baseline"]
     assert e5["truth_calls_recovered_finetuned"] >= e5["truth_calls_recovered_baseline"]
 
