@@ -290,12 +290,9 @@ def predict_cohort(model, tiles_dir, settings: Mapping, *, name: str | None = No
                 or any(not (folder / f"{tid}.tif").is_file() for tid in predict.shard_slice(all_ids, (i, n_shards)))]
         workers = min(int(n_jobs), len(todo))
         if workers > 1 and isinstance(model, (str, os.PathLike)):
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            from seglab import study
 
-            ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(str(paths.project_root()), threads_per_job, spec, gpu)) as pool:
+            with study.worker_pool(workers, threads_per_job, _worker_load_model, (spec, gpu)) as pool:
                 list(pool.map(_worker_predict_shard, [dict(shard_kw, shard=i) for i in todo]))
         else:
             loaded = models.load(model, gpu=gpu) if isinstance(model, (str, os.PathLike)) else model
@@ -321,16 +318,11 @@ def _predict_shard(loaded, *, tiles_dir, out_dir, shard: int, n_shards: int, dia
 _WORKER_MODEL = None
 
 
-def _worker_init(root: str, threads: int | None, spec: str, gpu) -> None:
-    """Each worker process loads the model once, with its own torch thread count."""
+def _worker_load_model(spec: str, gpu) -> None:
+    """Each worker process loads the model once."""
     global _WORKER_MODEL
     from seglab import models
 
-    paths.set_root(root)
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
     _WORKER_MODEL = models.load(spec, gpu=gpu)
 
 

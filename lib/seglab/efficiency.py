@@ -178,14 +178,6 @@ def cached_model(base: str, cohort_dir: str, variant: str = "generic", *, train_
                                                 cache_dir=cache_dir))
 
 
-def _worker_init(root: str, threads: int | None) -> None:
-    paths.set_root(root)
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
-
-
 def _worker_finetune(job: dict) -> tuple[str, bool, float]:
     path, cached, fit_s = _finetune_logged(None, **job)
     return str(path), cached, fit_s
@@ -206,8 +198,7 @@ def finetune_many(jobs: Sequence[dict], *, n_jobs: int = 1, threads_per_job: int
     -------
     list of {"path": Path, "cached": bool, "fit_s": float}, in the order of ``jobs``.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
 
     if int(n_jobs) < 1:
         raise SeglabError(f"n_jobs={n_jobs}: need at least 1 (parallel fine-tunes)")
@@ -228,9 +219,7 @@ def finetune_many(jobs: Sequence[dict], *, n_jobs: int = 1, threads_per_job: int
         return results
     if log is not None:
         log(f"[efficiency] fine-tuning {len(todo)} models, {min(int(n_jobs), len(todo))} at a time")
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    with ProcessPoolExecutor(max_workers=min(int(n_jobs), len(todo)), mp_context=ctx, initializer=_worker_init,
-                             initargs=(str(paths.project_root()), threads_per_job)) as pool:
+    with study.worker_pool(min(int(n_jobs), len(todo)), threads_per_job) as pool:
         futures = {pool.submit(_worker_finetune, dict(jobs[i])): i for i in todo}
         for f in as_completed(futures):
             i = futures[f]

@@ -317,12 +317,27 @@ def _worker_segment(task: dict) -> str:
     return spec
 
 
-def _worker_init(root: str, threads: int | None) -> None:
+def _worker_init(root: str, threads: int | None, then=None, then_args: tuple = ()) -> None:
     paths.set_root(root)
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
+    if then is not None:
+        then(*then_args)
+
+
+def worker_pool(n_workers: int, threads_per_job: int | None = 1, then=None, then_args: tuple = ()):
+    """A ProcessPoolExecutor of ``n_workers`` spawned processes (no fork of a process holding torch
+    threads), each with this project root and ``threads_per_job`` torch threads, then ``then(*then_args)``
+    (a module-level function, e.g. one that loads a model once per worker). Shared by the parallel
+    fine-tunes, network passes and inference shards of the CPU demo."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=int(n_workers), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init,
+                               initargs=(str(paths.project_root()), threads_per_job, then, tuple(then_args)))
 
 
 def segment_cached_many(tasks: Sequence[dict], *, n_jobs: int = 1, threads_per_job: int | None = 1,
@@ -338,9 +353,6 @@ def segment_cached_many(tasks: Sequence[dict], *, n_jobs: int = 1, threads_per_j
     with ``n_jobs`` 1 (a GPU) nothing is done here and the caller's own calls compute.
     The outputs do not depend on ``n_jobs``.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     if int(n_jobs) < 1:
         raise SeglabError(f"n_jobs={n_jobs}: need at least 1 (segmentations run at once)")
     tasks = [dict(t, model=str(getattr(t["model"], "spec", t["model"]))) for t in tasks]
@@ -355,9 +367,7 @@ def segment_cached_many(tasks: Sequence[dict], *, n_jobs: int = 1, threads_per_j
     if log is not None:
         log(f"[study] network passes over {sum(len(t['split']) for t in tasks)} tiles "
             f"({len(tasks)} model x split pairs), {min(int(n_jobs), len(tasks))} at a time")
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    with ProcessPoolExecutor(max_workers=min(int(n_jobs), len(tasks)), mp_context=ctx, initializer=_worker_init,
-                             initargs=(str(paths.project_root()), threads_per_job)) as pool:
+    with worker_pool(min(int(n_jobs), len(tasks)), threads_per_job) as pool:
         list(pool.map(_worker_segment, tasks))
 
 
