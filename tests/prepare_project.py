@@ -5,7 +5,9 @@ and 06 (so that ``seglab.prepare`` sees the same params as in the study), writes
 profile (the ``tiny-xs`` net, 1 epoch of 4 crops of 64 px, on a tiny simulated cohort) and a
 probe notebook ``02_label_efficiency`` that makes exactly the fine-tunes of the real notebook
 02 (``efficiency.label_budget_jobs`` + the generic reference, through ``finetune_many``) and
-records in its summary how many it had to train itself.
+records in its summary how many it had to train itself, and a probe ``05_downstream`` that
+makes the real notebook 05's inference (both models, ``predict_cohort`` over the shards) and
+records per model the tiles it covered and how many it had to segment itself.
 """
 
 from __future__ import annotations
@@ -60,6 +62,33 @@ E2_CELLS = [
              "run.summary(n_models=len(fits), n_trained_here=sum(not f['cached'] for f in fits))"),
 ]
 
+E5_CELLS = [
+    ("parameters", 'cohort_dir = ""\nseed = 0\nbaseline_model = "tiny-xs"\ndiameter_px = None\nepochs = 1\n'
+                   "learning_rate = 0.01\nweight_decay = 0.0001\nbatch_size = 4\nbsize = 64\nnimg_per_epoch = 4\n"
+                   "flow_threshold = 0.4\ncellprob_threshold = 0.0\nmin_size = 5\n"
+                   'predictions_dir = "data/predictions"\nn_shards = 2\nshards = None\nbatch_tiles = 4\n'
+                   'inference_batch_size = None\nrun_dir = None\nprofile = "interactive"'),
+    ("code", "import torch\ntorch.set_num_threads(1)\nfrom seglab.runs import attach\n"
+             "from seglab import cohort_inference as ci, efficiency, paths, study\n"
+             "run = attach('05_downstream', run_dir, profile)"),
+    # the models and the inference of notebooks/05_downstream.ipynb (sections 1-2), as it makes them
+    ("code", "params = dict(cohort_dir=cohort_dir, seed=seed, baseline_model=baseline_model, diameter_px=diameter_px,\n"
+             "    epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay, batch_size=batch_size,\n"
+             "    bsize=bsize, nimg_per_epoch=nimg_per_epoch, flow_threshold=flow_threshold,\n"
+             "    cellprob_threshold=cellprob_threshold, min_size=min_size)\n"
+             "tp = study.train_params(params)\n"
+             "finetuned_cached = efficiency.cached_model(base=baseline_model, cohort_dir=cohort_dir, variant='generic',\n"
+             "    train_params=tp) is not None\n"
+             "model_specs = {'baseline': baseline_model,\n"
+             "               'finetuned': str(study.finetune(baseline_model, cohort_dir, 'generic', train_params=tp))}\n"
+             "predictions = {name: ci.predict_cohort(spec, paths.resolve(cohort_dir) / 'tiles', ci.inference_settings(params),\n"
+             "    name=name, root=predictions_dir, n_shards=n_shards, shards=shards, batch_tiles=batch_tiles,\n"
+             "    batch_size=inference_batch_size) for name, spec in model_specs.items()}\n"
+             "run.summary(finetuned_cached=finetuned_cached,\n"
+             "            **{f'n_tiles_{k}': p.n_tiles for k, p in predictions.items()},\n"
+             "            **{f'n_predicted_here_{k}': p.n_predicted for k, p in predictions.items()})"),
+]
+
 
 def make_prepare_project(root: Path, cohort_dir: Path, needs_01: bool = False) -> Path:
     """The project: experiments 01, 02, 05, 06 (02 needs nothing; 05 and 06 need 01), profile ``tiny``."""
@@ -83,6 +112,7 @@ def make_prepare_project(root: Path, cohort_dir: Path, needs_01: bool = False) -
     import nbformat
 
     nbformat.write(notebook(E2_CELLS), str(root / "notebooks" / "02_label_efficiency.ipynb"))
-    for name in ("01_baseline_vs_finetune", "05_downstream", "06_leave_one_marker_out"):   # never run here
+    nbformat.write(notebook(E5_CELLS), str(root / "notebooks" / "05_downstream.ipynb"))
+    for name in ("01_baseline_vs_finetune", "06_leave_one_marker_out"):   # stubs: 01 runs (does nothing), 06 never
         nbformat.write(notebook([("parameters", "run_dir = None")]), str(root / "notebooks" / f"{name}.ipynb"))
     return root

@@ -458,3 +458,85 @@ def test_prepare_array_trains_before_the_notebook_which_then_trains_nothing_and_
     forced = cli(root, "submit", "02", "--profile", "tiny", "--force", "--dry-run")
     assert forced.returncode == 0 and "#SBATCH --array" not in forced.stdout
     assert "02_label_efficiency      2 prepare items cached" in forced.stdout
+
+
+@pytest.fixture(scope="module")
+def e5_project(tmp_path_factory):
+    """tests/prepare_project.py for E5 alone (its own data/models, so the E2 test above is not affected):
+    01's generic model made by `seglab prepare 01 --task 0` and a finished run of the (stub) notebook 01."""
+    from prepare_project import make_prepare_project
+    from seglab import simulate
+    base = tmp_path_factory.mktemp("prep5")
+    cohort = simulate.simulate_cohort(base / "cohort", n_donors=3, tiles_per_marker=1, size_px=64, seed=0)
+    root = make_prepare_project(base / "project", cohort)
+    (root / "slurm").mkdir()
+    (root / "slurm" / "cluster.yaml").write_text(PREP_CLUSTER_YAML)
+    generic = cli(root, "prepare", "01", "--profile", "tiny", "--task", "0")   # model=finetuned_generic
+    assert generic.returncode == 0 and "model=finetuned_generic): done in" in generic.stdout, generic.stderr[-2000:]
+    ran = cli(root, "run", "01", "--profile", "tiny")    # `seglab submit 05` needs a finished run of 01
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    return root
+
+
+def _log_times(log: str) -> tuple:
+    """(started, ended) of a job from the lines the sbatch template writes into its log."""
+    import datetime as dt
+    started = next(line for line in log.splitlines() if line.startswith("seglab: job ") and " started " in line)
+    ended = next(line for line in log.splitlines() if line.startswith("seglab: job ") and " ended " in line)
+    return (dt.datetime.fromisoformat(started.split(" started ")[1].split(";")[0]),
+            dt.datetime.fromisoformat(ended.split(" ended ")[1].split(" ")[0]))
+
+
+@pytest.mark.slurm
+def test_e5_shard_array_then_merge_check_then_the_notebook_which_segments_nothing_and_resubmission_prepares_nothing(
+        slurm_conf, e5_project):
+    import datetime as dt
+    root = e5_project
+    proc = cli(root, "submit", "05", "--profile", "tiny")
+    assert proc.returncode == 0, proc.stderr
+    prep, merge, nb = last_record(root)["jobs"]
+    assert [(j["name"], j["kind"]) for j in (prep, merge, nb)] == [
+        ("05_downstream:prepare", "prepare"), ("05_downstream:merge", "check"), ("05_downstream", "notebook")]
+    assert prep["dependency"] == [] and merge["dependency"] == [prep["job_id"]]
+    assert nb["dependency"] == [prep["job_id"], merge["job_id"]]
+    labels = [f"model={m} shard={s}/2" for m in ("baseline", "finetuned") for s in (0, 1)]   # one task per (model, shard)
+    assert prep["array"]["spec"] == "0-3" and prep["array"]["submitted_tasks"] == [0, 1, 2, 3]
+    assert [(t["id"], t["label"]) for t in prep["array"]["tasks"]] == list(enumerate(labels))
+    assert "#SBATCH --array=0-3%2" in (root / prep["script"]).read_text()
+    assert "seglab prepare 05_downstream --profile tiny --check" in (root / merge["script"]).read_text()
+    wait_for([prep["job_id"], merge["job_id"], nb["job_id"]], timeout=150)
+    task_ends = []
+    for task, label in enumerate(labels):
+        log = (root / prep["log"].replace("%a", str(task))).read_text()
+        assert f"item {task} ({label}): running" in log and f"item {task} ({label}): done in" in log, log[-2000:]
+        task_ends.append(_log_times(log)[1])
+    merge_log = (root / merge["log"]).read_text()
+    merge_start, merge_end = _log_times(merge_log)
+    assert merge_start >= max(task_ends) and "with exit code 0" in merge_log    # afterok: after every shard
+    # the merge wrote the check in both models' prediction folders: every tile exactly once
+    folders = sorted(p for p in (root / "data" / "predictions").iterdir() if p.is_dir())
+    assert len(folders) == 2
+    for folder in folders:
+        check = json.loads((folder / "shards_check.json").read_text())
+        assert check["ok"] and not check["missing"] and not check["duplicated"] and not check["unreadable_masks"]
+        assert check["n_tiles"] == 15 and check["per_shard"] == {"0": 8, "1": 7}
+        assert len((folder / "tiles.tsv").read_text().splitlines()) == 1 + 15
+        assert f"table {folder}/tiles.tsv" in merge_log
+    (m,) = manifests(root, "05_downstream", "tiny")
+    assert m["status"] == "done" and m["slurm"]["job_id"] == nb["job_id"]
+    assert dt.datetime.fromisoformat(m["started"]) >= merge_end                 # the notebook ran last
+    s = m["summary"]
+    assert s["finetuned_cached"] and s["n_tiles_baseline"] == s["n_tiles_finetuned"] == 15
+    assert s["n_predicted_here_baseline"] == s["n_predicted_here_finetuned"] == 0   # all segmented by the array
+    status = cli(root, "status")
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 6, status.stdout
+    assert "05_downstream:prepare[3]" in status.stdout and "item 3: model=finetuned shard=1/2" in status.stdout
+    assert "merge check (every tile exactly once)" in status.stdout and "run done" in status.stdout
+    listed = cli(root, "prepare", "05", "--profile", "tiny", "--list").stdout
+    assert "4 prepare items, 4 done, 0 to do" in listed
+    n_before = len(submissions(root))
+    again = cli(root, "submit", "05", "--profile", "tiny")
+    assert again.returncode == 0 and "nothing to submit" in again.stdout and len(submissions(root)) == n_before
+    forced = cli(root, "submit", "05", "--profile", "tiny", "--force", "--dry-run")
+    assert forced.returncode == 0 and "#SBATCH --array" not in forced.stdout and "05_downstream:merge" not in forced.stdout
+    assert "05_downstream            4 prepare items cached" in forced.stdout
