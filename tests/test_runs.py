@@ -193,3 +193,22 @@ def test_status_page_puts_test_ap50_first():
                "test_f1_finetuned": 0.91, "test_ap50_baseline": 0.75, "test_ap50_finetuned": 0.83}
     keys = [k for k, _ in headline_items(summary, limit=4)]
     assert keys == ["test_ap50_baseline", "test_ap50_finetuned", "test_f1_finetuned", "val_f1_selected"]
+
+
+def test_sigterm_inside_an_asyncio_callback_stops_the_event_loop():
+    """papermill's kernel client runs zmq callbacks in asyncio; a SIGTERM that lands in one must
+    still end the run (asyncio logs and swallows ordinary exceptions from callbacks, so the run
+    would wait forever on a future nobody resolves)."""
+    import asyncio
+
+    from seglab import runs
+
+    loop = asyncio.new_event_loop()
+    try:
+        fut = loop.create_future()
+        loop.call_soon(runs._raise_terminated, signal.SIGTERM, None)
+        loop.call_later(2.0, fut.set_result, "swallowed")  # what happens if the signal is lost
+        with pytest.raises(runs._Terminated):
+            loop.run_until_complete(fut)
+    finally:
+        loop.close()

@@ -173,8 +173,14 @@ def upstream_runs(experiment: Experiment, profile: str) -> dict:
     return out
 
 
-class _Terminated(BaseException):
-    """Raised in the runner by SIGTERM so the manifest can say `interrupted`."""
+class _Terminated(KeyboardInterrupt):
+    """Raised in the runner by SIGTERM so the manifest can say `interrupted`.
+
+    A KeyboardInterrupt, like Ctrl-C's, because the signal can land inside an asyncio
+    callback of papermill's kernel client (zmq's socket events): asyncio logs and
+    swallows any other exception raised there, and the run then hung forever waiting
+    on a future nobody resolves (seen once in CI: a SIGTERM one second into a run).
+    asyncio re-raises KeyboardInterrupt and SystemExit out of the event loop."""
 
 
 def _raise_terminated(signum, frame):
