@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from probe_project import notebook
+from probe_project import notebook, project_skeleton
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("01_baseline_vs_finetune", "02_label_efficiency", "05_downstream", "06_leave_one_marker_out")
@@ -92,16 +92,11 @@ E5_CELLS = [
 
 def make_prepare_project(root: Path, cohort_dir: Path, needs_01: bool = False) -> Path:
     """The project: experiments 01, 02, 05, 06 (02 needs nothing; 05 and 06 need 01), profile ``tiny``."""
-    root = Path(root)
-    (root / "params" / "schema").mkdir(parents=True)
-    (root / "params" / "tiny").mkdir()
-    (root / "notebooks").mkdir()
-    (root / "params" / "experiments.yaml").write_text(
-        "experiments:\n"
-        "  01_baseline_vs_finetune:\n    title: E1 probe\n    needs: []\n"
-        f"  02_label_efficiency:\n    title: E2 probe\n    needs: [{'01_baseline_vs_finetune' if needs_01 else ''}]\n"
-        "  05_downstream:\n    title: E5 probe\n    needs: [01_baseline_vs_finetune]\n"
-        "  06_leave_one_marker_out:\n    title: E6 probe\n    needs: [01_baseline_vs_finetune]\n")
+    e1 = "01_baseline_vs_finetune"
+    root = project_skeleton(root, "tiny", {e1: ("E1 probe", []),
+                                           "02_label_efficiency": ("E2 probe", [e1] if needs_01 else []),
+                                           "05_downstream": ("E5 probe", [e1]),
+                                           "06_leave_one_marker_out": ("E6 probe", [e1])})
     for name in NOTEBOOKS:
         shutil.copy(REPO / "params" / "schema" / f"{name}.yaml", root / "params" / "schema" / f"{name}.yaml")
         # the demo profile's values, with the tiny ones on top

@@ -49,15 +49,22 @@ def notebook(cells) -> nbformat.NotebookNode:
     return nb
 
 
-def make_probe_project(root: Path) -> Path:
+def project_skeleton(root: Path, profile: str, experiments: dict[str, tuple[str, list[str]]]) -> Path:
+    """params/schema/, params/<profile>/, notebooks/ and params/experiments.yaml declaring
+    ``experiments`` ({name: (title, needs)}, in chain order)."""
     root = Path(root)
     (root / "params" / "schema").mkdir(parents=True)
-    (root / "params" / "test").mkdir()
+    (root / "params" / profile).mkdir()
     (root / "notebooks").mkdir()
     (root / "params" / "experiments.yaml").write_text(
-        "experiments:\n"
-        "  10_probe:\n    title: Probe notebook\n    needs: []\n"
-        "  11_after:\n    title: Reads the probe\n    needs: [10_probe]\n")
+        "experiments:\n" + "".join(f"  {name}:\n    title: {title}\n    needs: [{', '.join(needs)}]\n"
+                                   for name, (title, needs) in experiments.items()))
+    return root
+
+
+def make_probe_project(root: Path) -> Path:
+    root = project_skeleton(root, "test", {"10_probe": ("Probe notebook", []),
+                                           "11_after": ("Reads the probe", ["10_probe"])})
     (root / "params" / "schema" / "10_probe.yaml").write_text(
         "n: {type: int, min: 1, max: 1000, help: rows of the table}\n"
         "fail: {type: bool, default: false}\n"

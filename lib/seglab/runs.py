@@ -261,7 +261,7 @@ def execute(ref: str, profile: str, overrides: dict | None = None, render: bool 
         manifest["status"] = "failed"
         manifest["error"] = {"cell_index": exc.cell_index, "execution_count": exc.exec_count,
                              "ename": exc.ename, "evalue": exc.evalue}
-    except (KeyboardInterrupt, _Terminated) as exc:
+    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM's _Terminated
         manifest["status"] = "interrupted"
         manifest["error"] = {"ename": type(exc).__name__, "evalue": str(exc) or "Ctrl-C"}
     except Exception as exc:  # the kernel died, the notebook is unreadable, ...
