@@ -1,8 +1,8 @@
-"""Benchmark: the vectorised bootstrap of seglab.downstream against a per-resample pandas loop.
+"""Benchmark: the vectorised bootstrap of seglab.downstream.analysis against a per-resample pandas loop.
 
 Data: 300 donors x 5 markers x 10 tiles = 15,000 tiles, 8 outcomes (120 tests),
 B = 1000 resamples (tiles resampled within donor and marker), synthetic tile
-table from ``seglab.downstream.synthetic_tile_table`` (no images).
+table from ``seglab.downstream.analysis.synthetic_tile_table`` (no images).
 
 Reference: the straightforward way, one resample at a time: pandas
 ``groupby(...).sample(frac=1, replace=True)``, ``groupby().sum()`` for the
@@ -24,7 +24,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 from statsmodels.stats.multitest import multipletests
 
-from seglab import downstream as ds
+from seglab.downstream import analysis as ds
 
 MARKERS = {"gfap": 0.5, "iba1": 0.3, "neun": 0.0, "olig2": 0.0, "pecam": -0.3}
 

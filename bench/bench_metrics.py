@@ -1,4 +1,4 @@
-"""Benchmark: seglab.metrics.match against cellpose.metrics.average_precision and stardist.matching.matching.
+"""Benchmark: seglab.evaluate.metrics.match against cellpose.metrics.average_precision and stardist.matching.matching.
 
 Two synthetic pairs, built with a fixed seed: a 2048 x 2048 image with about
 2,000 objects and a 64 x 512 x 512 volume, each against a perturbed copy
@@ -94,7 +94,7 @@ def bench_pair(name, y_true, y_pred):
     from cellpose.metrics import average_precision
     from stardist.matching import matching
 
-    from seglab.metrics import match
+    from seglab.evaluate.metrics import match
 
     n_true = len(np.unique(y_true)) - 1
     n_pred = len(np.unique(y_pred)) - 1
@@ -114,7 +114,7 @@ def bench_pair(name, y_true, y_pred):
     print(f"[{name}] reading both arrays once (max): {t_read * 1e3:8.1f} ms")
     print(f"[{name}] cellpose.metrics.average_precision:  {t_cp * 1e3:8.1f} ms  (reference)")
     print(f"[{name}] stardist.matching.matching:          {t_sd * 1e3:8.1f} ms  (reference)")
-    print(f"[{name}] seglab.metrics.match:                {t_ours * 1e3:8.1f} ms")
+    print(f"[{name}] seglab.evaluate.metrics.match:                {t_ours * 1e3:8.1f} ms")
     print(f"[{name}] speedup vs cellpose {t_cp / t_ours:.1f} x, vs stardist {t_sd / t_ours:.1f} x")
     return t_cp / t_ours
 

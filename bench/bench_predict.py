@@ -51,7 +51,8 @@ def child(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from seglab import models, predict
+    from seglab.segment import models
+    from seglab.segment import predict
 
     model = models.load(args.model, gpu=True if args.gpu else False)
     src = Path(args.tiles)
@@ -77,7 +78,8 @@ def split_times(model_spec: str, tiles: Path, n: int, diameter, threads, gpu) ->
         torch.set_num_threads(threads)
     from cellpose import core, transforms
 
-    from seglab import models, predict
+    from seglab.segment import models
+    from seglab.segment import predict
 
     model = models.load(model_spec, gpu=True if gpu else False)
     tl = predict.discover_tiles(tiles)[:n]

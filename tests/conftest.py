@@ -20,7 +20,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def dsb_dir() -> Path:
     """The real DSB2018 nuclei beside the checkout; the test skips cleanly when absent."""
-    from seglab.dsb import find_dsb2018
+    from seglab.data.dsb import find_dsb2018
 
     found = find_dsb2018()
     if found is None:
@@ -32,7 +32,7 @@ def dsb_dir() -> Path:
 def probe_root(tmp_path, monkeypatch) -> Path:
     """A temporary compendium (tests/probe_project.py) set as the project root for this test."""
     from probe_project import make_probe_project
-    from seglab import paths
+    from seglab.core import paths
 
     root = make_probe_project(tmp_path / "project")
     monkeypatch.setenv("SEGLAB_ROOT", str(root))
@@ -57,7 +57,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """A tiny simulated cohort (3 donors x 5 markers x 1 tile of 96 px), one per test module."""
-    from seglab import simulate
+    from seglab.data import simulate
 
     return simulate.simulate_cohort(tmp_path_factory.mktemp("cohort") / "c", n_donors=3, tiles_per_marker=1,
                                     size_px=96, seed=0)

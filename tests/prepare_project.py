@@ -1,7 +1,7 @@
 """A throw-away compendium for testing ``seglab prepare`` and its Slurm arrays.
 
 ``make_prepare_project(root, cohort_dir)`` copies the real schemas of notebooks 01, 02, 05
-and 06 (so that ``seglab.prepare`` sees the same params as in the study), writes a ``tiny``
+and 06 (so that ``seglab.workflow.prepare`` sees the same params as in the study), writes a ``tiny``
 profile (the ``tiny-xs`` net, 1 epoch of 4 crops of 64 px, on a tiny simulated cohort) and a
 probe notebook ``02_label_efficiency`` that makes exactly the fine-tunes of the real notebook
 02 (``efficiency.label_budget_jobs`` + the generic reference, through ``finetune_many``) and
@@ -50,7 +50,7 @@ E2_CELLS = [
     ("parameters", 'cohort_dir = ""\nseed = 0\nbaseline_model = "tiny-xs"\nepochs = 1\nlearning_rate = 0.01\n'
                    "weight_decay = 0.0001\nbatch_size = 4\nbsize = 64\nnimg_per_epoch = 4\nbudgets = [1]\nrepeats = 1\n"
                    'reference_full_data = True\ntorch_threads = 1\nrun_dir = None\nprofile = "interactive"'),
-    ("code", "import torch\ntorch.set_num_threads(1)\nfrom seglab.runs import attach\n"
+    ("code", "import torch\ntorch.set_num_threads(1)\nfrom seglab.workflow.runs import attach\n"
              "from seglab import efficiency, study\nrun = attach('02_label_efficiency', run_dir, profile)"),
     # the fine-tunes of notebooks/02_label_efficiency.ipynb (section 2), as it makes them
     ("code", "tp = study.train_params(dict(epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay,\n"
@@ -68,7 +68,7 @@ E5_CELLS = [
                    "flow_threshold = 0.4\ncellprob_threshold = 0.0\nmin_size = 5\n"
                    'predictions_dir = "data/predictions"\nn_shards = 2\nshards = None\nbatch_tiles = 4\n'
                    'inference_batch_size = None\nrun_dir = None\nprofile = "interactive"'),
-    ("code", "import torch\ntorch.set_num_threads(1)\nfrom seglab.runs import attach\n"
+    ("code", "import torch\ntorch.set_num_threads(1)\nfrom seglab.workflow.runs import attach\n"
              "from seglab import cohort_inference as ci, efficiency, paths, study\n"
              "run = attach('05_downstream', run_dir, profile)"),
     # the models and the inference of notebooks/05_downstream.ipynb (sections 1-2), as it makes them

@@ -15,7 +15,7 @@ PROBE_CELLS = [
     ("markdown", "# Probe\nA notebook that writes a table, a figure and a summary."),
     ("parameters", 'n = 3\nfail = False\nsleep_s = 0.0\nlabel = "probe"\nrun_dir = None\nprofile = "interactive"'),
     ("code", "import time\nimport pandas as pd\nimport matplotlib\nmatplotlib.use('Agg')\n"
-             "import matplotlib.pyplot as plt\nfrom seglab.runs import attach\n"
+             "import matplotlib.pyplot as plt\nfrom seglab.workflow.runs import attach\n"
              "run = attach('10_probe', run_dir, profile)"),
     ("code", "table = pd.DataFrame({'i': range(n), 'square': [i * i for i in range(n)]})\n"
              "run.save_table(table, 'squares.csv')\n"
@@ -28,7 +28,7 @@ PROBE_CELLS = [
 
 AFTER_CELLS = [
     ("parameters", 'factor = 2\nrun_dir = None\nprofile = "interactive"'),
-    ("code", "from seglab.runs import attach, latest_run\nrun = attach('11_after', run_dir, profile)\n"
+    ("code", "from seglab.workflow.runs import attach, latest_run\nrun = attach('11_after', run_dir, profile)\n"
              "import json\nup = latest_run('10_probe', profile)\n"
              "total = json.loads((up / 'summary.json').read_text())['sum_of_squares'] if up else 0\n"
              "run.summary(scaled=total * factor)"),

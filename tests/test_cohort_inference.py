@@ -1,4 +1,4 @@
-"""seglab.cohort_inference: content-addressed, resumable cohort inference and planted-effect recovery."""
+"""seglab.experiments.cohort_inference: content-addressed, resumable cohort inference and planted-effect recovery."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from seglab import SeglabError
-from seglab import cohort_inference as ci
-from seglab import downstream as ds
+from seglab.experiments import cohort_inference as ci
+from seglab.downstream import analysis as ds
 
 SETTINGS = {"diameter_px": None, "flow_threshold": 0.4, "cellprob_threshold": 0.0, "min_size": 5}
 
@@ -69,7 +69,7 @@ def test_inference_settings_from_params():
 
 
 def test_predict_cohort_writes_resumes_and_reuses(tiles, tmp_path, monkeypatch):
-    from seglab import models
+    from seglab.segment import models
 
     d, counts = tiles
     root = tmp_path / "pred"

@@ -1,4 +1,4 @@
-"""Discovery, manifest, splits, audit, loaders, exports and bad input (seglab.data)."""
+"""Discovery, manifest, splits, audit, loaders, exports and bad input (seglab.data.manifest)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import tifffile
 
 from seglab import SeglabError
 from seglab.cli import main
-from seglab.data import (MANIFEST_COLUMNS, check_splits, cohort_manifest, discover, export_cellpose,
+from seglab.data.manifest import (MANIFEST_COLUMNS, check_splits, cohort_manifest, discover, export_cellpose,
                          export_nnunet, generate_splits, load_manifest, load_mask, load_splits, load_tile,
                          read_nnunet, save_manifest)
-from seglab.simulate import simulate_cohort
+from seglab.data.simulate import simulate_cohort
 
 
 @pytest.fixture(scope="module")

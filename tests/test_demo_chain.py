@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from seglab.experiments import load_experiments
+from seglab.workflow.chain import load_experiments
 
 pytestmark = pytest.mark.skipif(os.environ.get("SEGLAB_SKIP_DEMO_CHAIN") == "1",
                                 reason="SEGLAB_SKIP_DEMO_CHAIN=1")

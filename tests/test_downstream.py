@@ -1,4 +1,4 @@
-"""seglab.downstream and seglab.stats: exact against scipy/statsmodels, planted and null cohorts, bad input."""
+"""seglab.downstream.analysis and seglab.downstream.stats: exact against scipy/statsmodels, planted and null cohorts, bad input."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from scipy.stats import spearmanr
 from statsmodels.stats.multitest import multipletests
 
 from seglab import SeglabError
-from seglab import downstream as ds
-from seglab.stats import bh_qvalues, spearman_grid, spearman_pvalue
+from seglab.downstream import analysis as ds
+from seglab.downstream.stats import bh_qvalues, spearman_grid, spearman_pvalue
 
 TOL = dict(rtol=0, atol=1e-12)
 
@@ -431,7 +431,7 @@ def test_plots_draw_headless_and_mark_significance(cohort_tables, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from seglab import plots_downstream as pdn
+    from seglab.plots import downstream as pdn
 
     tiles, clin = cohort_tables
     outs = ["braaksc", "cogdx", "gpath"]

@@ -1,6 +1,6 @@
 """Planted truth: on a small simulated cohort, features from the ground-truth masks recover the planted effects.
 
-The cohort (``seglab.simulate.simulate_cohort``: 24 donors x 5 markers x 2
+The cohort (``seglab.data.simulate.simulate_cohort``: 24 donors x 5 markers x 2
 tiles of 256 px, about 10 s) plants a log-odds effect per marker on the
 fraction of positive cells (gfap, iba1, neun non-null; olig2, pecam null) and
 writes every donor's true counts and latent score to ``truth.json``. The
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seglab import downstream as ds
+from seglab.downstream import analysis as ds
 
 ALPHA = 0.05
 SIZE_PX = 256
@@ -24,14 +24,14 @@ SIZE_PX = 256
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    from seglab import data
-    from seglab.simulate import load_truth, simulate_cohort, truth_counts
+    from seglab.data import manifest as data
+    from seglab.data.simulate import load_truth, simulate_cohort, truth_counts
 
     cohort = simulate_cohort(tmp_path_factory.mktemp("planted") / "cohort", n_donors=24, tiles_per_marker=2,
                              size_px=SIZE_PX, seed=4)
     truth = load_truth(cohort)
     manifest = data.cohort_manifest(cohort)
-    tiles = ds.tile_table(manifest)  # ground-truth masks, default loaders of seglab.data
+    tiles = ds.tile_table(manifest)  # ground-truth masks, default loaders of seglab.data.manifest
     clinical = pd.read_csv(cohort / "clinical.csv")
     # the latent score as one more "outcome": the planted truth without clinical noise
     z = {int(d): rec["latent_score"] for d, rec in truth["donors"].items()}
@@ -100,7 +100,7 @@ def test_compare_models_on_the_simulated_cohort(planted, tmp_path):
     against the ground-truth masks: side by side, paired bootstrap, recovery of the truth's calls."""
     from scipy import ndimage
 
-    from seglab import data
+    from seglab.data import manifest as data
 
     tiles = planted["tiles"]
     manifest = data.cohort_manifest(Path(planted["truth_dir"]))

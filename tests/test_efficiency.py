@@ -1,4 +1,4 @@
-"""seglab.efficiency: the label-budget (E2) and leave-one-marker-out (E6) loops, scores, plateau and figures."""
+"""seglab.experiments.efficiency: the label-budget (E2) and leave-one-marker-out (E6) loops, scores, plateau and figures."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seglab import SeglabError, data, efficiency, metrics, models, study
+from seglab import SeglabError
+from seglab.data import manifest as data
+from seglab.experiments import efficiency
+from seglab.evaluate import metrics
+from seglab.segment import models
+from seglab.experiments import study
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""seglab.metrics against the references users trust: cellpose.metrics.average_precision
+"""seglab.evaluate.metrics against the references users trust: cellpose.metrics.average_precision
 (tp, fp, fn, ap) and stardist.matching.matching (precision, recall, f1, mean scores, PQ).
 
 stardist is a test dependency only. Where the references disagree with each
@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from seglab import SeglabError
-from seglab import metrics as M
+from seglab.evaluate import metrics as M
 
 THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 STARDIST_FIELDS = {  # ours -> stardist's name
@@ -316,7 +316,7 @@ def perturbations(mask, rng):
 
 
 def test_dsb2018_real_masks_against_perturbed_copies(refs, dsb_dir):
-    from seglab.dsb import dsb2018_table, load_dsb2018
+    from seglab.data.dsb import dsb2018_table, load_dsb2018
 
     table = dsb2018_table(dsb_dir)
     # a handful of images from different acquisition groups, with at least a few nuclei
@@ -490,7 +490,7 @@ def test_cli_evaluate_pairs_files_and_writes_outputs(tmp_path, capsys):
 
 
 def test_pairing_key():
-    from seglab.cli_evaluate import pairing_key
+    from seglab.cli.evaluate import pairing_key
 
     assert pairing_key("x/img_0000.tif") == pairing_key("img.TIFF") == pairing_key("img_cp_masks.tif") == "img"
     assert pairing_key("img_masks.tiff") == "img" and pairing_key("img_0001.tif") == "img_0001"
@@ -500,7 +500,7 @@ def test_pairing_key():
 def test_plots_return_figures(tmp_path):
     from matplotlib.figure import Figure
 
-    from seglab import plots
+    from seglab.plots import evaluation as plots
 
     res = M.evaluate(_three_images(), groups={"a": "CD3", "b": "CD8", "e": "CD8"}, thresholds=THRESHOLDS)
     fig = plots.plot_metric_vs_threshold(res, ["ap", "f1", "panoptic_quality"])
@@ -520,7 +520,7 @@ def test_plots_return_figures(tmp_path):
 
 
 def test_pooled_match_equals_evaluate_pooled():
-    from seglab.metrics import evaluate, pooled_match
+    from seglab.evaluate.metrics import evaluate, pooled_match
 
     rng = np.random.default_rng(7)
     truths, preds = [], []

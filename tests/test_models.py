@@ -1,4 +1,4 @@
-"""seglab.models: the registry, the tiny net under cellpose's eval, checkpoints and their failure modes."""
+"""seglab.segment.models: the registry, the tiny net under cellpose's eval, checkpoints and their failure modes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from seglab import SeglabError, models
+from seglab import SeglabError
+from seglab.segment import models
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,7 +152,7 @@ def test_generalist_asset_on_held_out_dsb(dsb_dir):
         pytest.fail(f"{models.GENERALIST_PATH} is missing: run `seglab pretrain-generalist`")
     from cellpose.metrics import average_precision
 
-    from seglab import dsb
+    from seglab.data import dsb
 
     meta = models.read_sidecar(models.GENERALIST_PATH)
     assert "360x360" in meta["recipe"]["test_groups"] and meta["metrics"]["test_ap50_generalist"] > 0

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from seglab.experiments import load_experiments
-from seglab.params import load_params
+from seglab.workflow.chain import load_experiments
+from seglab.config.params import load_params
 
 PROFILES = ("demo", "full")
 
@@ -68,7 +68,7 @@ def test_parameters_cell_defaults_match_the_demo_profile(repo_root, monkeypatch)
 
 
 def test_sync_parameters_rewrites_stale_values_and_adds_missing_keys(probe_root):
-    from seglab.nbparams import cell_values, parameters_cell, sync_notebook
+    from seglab.workflow.nbparams import cell_values, parameters_cell, sync_notebook
 
     nb_path = probe_root / "notebooks" / "10_probe.ipynb"
     assert sync_notebook("10_probe", "test", check=True) == ["n", "label"]

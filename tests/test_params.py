@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from seglab.params import ParamsError, load_params, params_hash, parse_override, read_yaml
+from seglab.config.params import ParamsError, load_params, params_hash, parse_override, read_yaml
 
 
 def test_profile_values_and_defaults_merge(probe_root):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from seglab import SeglabError
-from seglab.postprocess import Gate, apply_gate, gate_grid, instance_stats, sweep_gates
+from seglab.segment.postprocess import Gate, apply_gate, gate_grid, instance_stats, sweep_gates
 
 
 def scene():

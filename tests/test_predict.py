@@ -1,4 +1,4 @@
-"""seglab.predict: batched, deterministic, resumable, sharded inference; threshold sweeps from saved outputs."""
+"""seglab.segment.predict: batched, deterministic, resumable, sharded inference; threshold sweeps from saved outputs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 import tifffile
 
-from seglab import SeglabError, models, predict
+from seglab import SeglabError
+from seglab.segment import models
+from seglab.segment import predict
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,7 +71,7 @@ def test_shards_write_disjoint_tables(cohort, tmp_path):
     tabs = [pd.read_csv(tmp_path / f"tiles_shard-{i}-of-3.tsv", sep="\t") for i in range(3)]
     got = sum((list(t.tile) for t in tabs), [])
     assert sorted(got) == predict.list_tiles(cohort) and len(set(got)) == len(got)
-    from seglab import slurm
+    from seglab.slurm import jobs as slurm
 
     assert slurm.check_shards(predict.list_tiles(cohort), slurm.read_shard_tables(tmp_path, 3)).ok
 

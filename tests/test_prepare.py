@@ -1,4 +1,4 @@
-"""seglab.prepare and `seglab prepare`: a notebook's heavy work as items (fine-tunes, inference shards).
+"""seglab.workflow.prepare and `seglab prepare`: a notebook's heavy work as items (fine-tunes, inference shards).
 
 Without Slurm: the item lists against the library calls the notebooks make, the command line
 (--list, --task, $SLURM_ARRAY_TASK_ID, bad indices), idempotence, and E5's shards with the
@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from seglab import SeglabError, efficiency, paths, prepare, study
-from seglab.params import load_params
+from seglab import SeglabError
+from seglab.experiments import efficiency
+from seglab.core import paths
+from seglab.workflow import prepare
+from seglab.experiments import study
+from seglab.config.params import load_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,7 +29,7 @@ SEGLAB = [sys.executable, "-m", "seglab"]
 @pytest.fixture(scope="module")
 def small_cohort(tmp_path_factory):
     """3 donors x 5 markers x 1 tile of 64 px: a fine-tune of tiny-xs takes a few seconds."""
-    from seglab import simulate
+    from seglab.data import simulate
 
     return simulate.simulate_cohort(tmp_path_factory.mktemp("cohort") / "c", n_donors=3, tiles_per_marker=1,
                                     size_px=64, seed=0)
@@ -108,8 +112,8 @@ def test_cli_lists_runs_one_item_skips_it_when_done_and_refuses_bad_indices(proj
 
 
 def test_e5_shards_fill_the_notebooks_prediction_folders_and_the_merge_check_catches_lost_and_doubled_tiles(project):
-    from seglab import cohort_inference as ci
-    from seglab import predict
+    from seglab.experiments import cohort_inference as ci
+    from seglab.segment import predict
 
     p5 = params_of("05_downstream")
     items = prepare.work_items("05_downstream", p5)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from seglab import report, runs
+from seglab.workflow import report
+from seglab.workflow import runs
 
 SEGLAB = [sys.executable, "-m", "seglab"]
 EXTERNAL_REF = re.compile(r"<(script|link|img|iframe)[^>]+(src|href)\s*=\s*[\"']?(https?:)?//|@import\s+(url\()?[\"']?(https?:)?//",
@@ -187,7 +188,7 @@ def test_test_split_is_evaluated_once_per_selected_configuration(probe_root):
 
 
 def test_status_page_puts_test_ap50_first():
-    from seglab.report import headline_items
+    from seglab.workflow.report import headline_items
 
     summary = {"cellprob_threshold_selected": -1.0, "n_tiles": 480, "val_f1_selected": 0.9,
                "test_f1_finetuned": 0.91, "test_ap50_baseline": 0.75, "test_ap50_finetuned": 0.83}
@@ -201,7 +202,7 @@ def test_sigterm_inside_an_asyncio_callback_stops_the_event_loop():
     would wait forever on a future nobody resolves)."""
     import asyncio
 
-    from seglab import runs
+    from seglab.workflow import runs
 
     loop = asyncio.new_event_loop()
     try:

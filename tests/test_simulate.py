@@ -10,8 +10,8 @@ import pytest
 import tifffile
 
 from seglab import SeglabError
-from seglab.io import sha256_tree
-from seglab.simulate import (MARKERS, SimParams, _clinical, _donors, image_stats, positivity_agreement,
+from seglab.core.io import sha256_tree
+from seglab.data.simulate import (MARKERS, SimParams, _clinical, _donors, image_stats, positivity_agreement,
                              realism_summary, realism_table, render_tile, rule_positive, simulate_cohort,
                              truth_counts)
 

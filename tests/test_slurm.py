@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from seglab import slurm
+from seglab.slurm import jobs as slurm
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm-local.sh"
@@ -315,7 +315,7 @@ def test_gpu_job_accepted_queued_work_not_submitted_twice_and_a_single_submit_wa
 
 
 def slurm_status(root: Path) -> dict:
-    from seglab import paths
+    from seglab.core import paths
     paths.set_root(root)
     try:
         return slurm.status()
@@ -345,7 +345,8 @@ def test_unknown_partition_gives_sbatch_text_and_cancels_what_this_submission_qu
 @pytest.mark.slurm
 def test_sharded_predict_merge_and_a_shard_killed_midway_resumes_with_no_tile_lost_or_doubled(
         slurm_conf, project, tmp_path):
-    from seglab import predict, simulate
+    from seglab.segment import predict
+    from seglab.data import simulate
     cohort = simulate.simulate_cohort(tmp_path / "cohort", n_donors=3, tiles_per_marker=1, size_px=64, seed=0)
     tiles = predict.list_tiles(cohort)
     shard1 = predict.shard_slice(tiles, "1/2")
@@ -410,7 +411,7 @@ jobs:
 def prep_project(tmp_path_factory):
     """tests/prepare_project.py: E2 with one budget and the generic reference (two tiny fine-tunes)."""
     from prepare_project import make_prepare_project
-    from seglab import simulate
+    from seglab.data import simulate
     base = tmp_path_factory.mktemp("prep")
     cohort = simulate.simulate_cohort(base / "cohort", n_donors=3, tiles_per_marker=1, size_px=64, seed=0)
     root = make_prepare_project(base / "project", cohort)
@@ -465,7 +466,7 @@ def e5_project(tmp_path_factory):
     """tests/prepare_project.py for E5 alone (its own data/models, so the E2 test above is not affected):
     01's generic model made by `seglab prepare 01 --task 0` and a finished run of the (stub) notebook 01."""
     from prepare_project import make_prepare_project
-    from seglab import simulate
+    from seglab.data import simulate
     base = tmp_path_factory.mktemp("prep5")
     cohort = simulate.simulate_cohort(base / "cohort", n_donors=3, tiles_per_marker=1, size_px=64, seed=0)
     root = make_prepare_project(base / "project", cohort)

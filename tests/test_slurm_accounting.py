@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from seglab import slurm
+from seglab.slurm import jobs as slurm
 from test_slurm import SCRIPT, cli, last_record, manifests, project, submissions, wait_for  # noqa: F401 (fixture)
 
 SAMPLES = Path(__file__).parent / "samples"   # not tests/data: .gitignore ignores every data/
@@ -241,7 +241,7 @@ def test_status_falls_back_to_the_manifests_when_slurmdbd_is_down(finished, proj
 
 
 def _status_of(root: Path, sub_id: str) -> dict:
-    from seglab import paths
+    from seglab.core import paths
     paths.set_root(root)
     try:
         return slurm.status(sub_id)

@@ -1,4 +1,4 @@
-"""seglab.study: the building blocks of notebooks 01-06 (sweeps, selection, gates, sensitivity, caches)."""
+"""seglab.experiments.study: the building blocks of notebooks 01-06 (sweeps, selection, gates, sensitivity, caches)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seglab import SeglabError, metrics, postprocess, study
+from seglab import SeglabError
+from seglab.evaluate import metrics
+from seglab.segment import postprocess
+from seglab.experiments import study
 
 
 def _disks(shape=(64, 64), centres=((16, 16), (16, 46), (46, 30)), r=7, start=1):
@@ -46,7 +49,7 @@ def small_set(one_thread):
 
 
 def test_sweep_masks_equal_masks_from_outputs(small_set):
-    from seglab.predict import masks_from_outputs
+    from seglab.segment.predict import masks_from_outputs
 
     split, outs = small_set
     got = study.sweep_masks(outs[0], [0.0, 0.4, 0.8], [-1.0, 0.0, 2.0], (0, 15, 200))
@@ -171,7 +174,7 @@ def test_train_params_takes_the_shared_keys():
 
 
 def test_segment_cached_reuses_the_network_outputs(tmp_path, monkeypatch, small_set):
-    from seglab import models
+    from seglab.segment import models
 
     split, _ = small_set
     model = models.load("tiny-xs", seed=0)
@@ -192,7 +195,7 @@ def test_segment_cached_reuses_the_network_outputs(tmp_path, monkeypatch, small_
 
 
 def test_rerun_sensitivity_runs_the_default_setting_once(small_set):
-    from seglab import models
+    from seglab.segment import models
 
     split, _ = small_set
     model = models.load("tiny-xs", seed=0)
@@ -214,7 +217,7 @@ def test_rerun_sensitivity_runs_the_default_setting_once(small_set):
 
 
 def test_segment_cached_many_fills_the_cache_in_workers(tmp_path, monkeypatch, small_set):
-    from seglab import models
+    from seglab.segment import models
 
     split, _ = small_set
     model = models.load("tiny-xs", seed=0)

@@ -1,4 +1,4 @@
-"""seglab.train: a tiny net fine-tunes on simulated tiles; kill-and-resume gives the same weights."""
+"""seglab.segment.train: a tiny net fine-tunes on simulated tiles; kill-and-resume gives the same weights."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from seglab import SeglabError, models, train
+from seglab import SeglabError
+from seglab.segment import models
+from seglab.segment import train
 
 SMALL = dict(bsize=64, batch_size=4, nimg_per_epoch=8, learning_rate=0.02, weight_decay=1e-4,
              min_train_masks=1, scale_range=0.5)
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiles(cohort):
-    from seglab import data
+    from seglab.data import manifest as data
 
     m = data.cohort_manifest(cohort)
     rows = m[m.annotated & (m.split == "train")]
@@ -127,7 +129,7 @@ def test_bad_params_fail_before_anything_is_written(cohort, tmp_path):
 
 
 def test_variants_select_tiles(cohort):
-    from seglab import data
+    from seglab.data import manifest as data
 
     m = data.cohort_manifest(cohort)
     n_train = int((m.annotated & (m.split == "train")).sum())

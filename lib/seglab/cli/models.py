@@ -1,0 +1,131 @@
+"""Subcommands for models: train, predict, pretrain-generalist."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from seglab import SeglabError
+
+
+def _threads(n):
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+def cmd_train(args) -> int:
+    from seglab.config import params as sparams
+    from seglab.segment import train
+
+    _threads(args.threads)
+    cfg = sparams.read_yaml(args.params)
+    if not isinstance(cfg, dict):
+        raise SeglabError(f"{args.params}: expected a mapping of keys to values")
+    if args.out:
+        cfg["out_dir"] = args.out
+    path = train.train_from_params(cfg, source=str(args.params), progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def _diameter(value):
+    if value is None:
+        return "default"
+    if value.lower() in ("auto",):
+        return "auto"
+    if value.lower() in ("none", "no"):
+        return None
+    try:
+        d = float(value)
+    except ValueError:
+        raise SeglabError(f"--diameter {value!r}: give a number of px, 'auto' or 'none'") from None
+    if not d > 0:
+        raise SeglabError(f"--diameter {value}: must be > 0 px")
+    return d
+
+
+def cmd_predict(args) -> int:
+    from seglab.segment import predict
+
+    _threads(args.threads)
+    diameter = _diameter(args.diameter)
+    predict.parse_shard(args.shard)
+    predict.discover_tiles(args.tiles)  # fail on an empty/missing folder before loading a model
+    df = predict.predict(args.model, args.tiles, args.out, shard=args.shard, diameter_px=diameter,
+                         flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold,
+                         min_size=args.min_size, batch_tiles=args.batch_tiles, batch_size=args.batch_size,
+                         save_network_outputs=args.save_outputs, progress=not args.quiet,
+                         gpu=False if args.cpu else None)
+    done = int((df["status"] == "done").sum())
+    print(f"[seglab] {len(df)} tiles in shard {args.shard or '0/1'}: {done} segmented, "
+          f"{len(df) - done} already complete; table {args.out}/{predict.table_name(args.shard)}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from seglab.segment import models
+    from seglab.segment import train
+
+    _threads(args.threads)
+    recipe = train.GeneralistRecipe(preset=args.preset, diam_mean_px=args.diam_mean_px, n_epochs=args.epochs,
+                                    nimg_per_epoch=args.nimg_per_epoch, batch_size=args.batch_size,
+                                    bsize=args.bsize, learning_rate=args.learning_rate,
+                                    weight_decay=args.weight_decay, scale_range=args.scale_range,
+                                    checkpoint_every=args.checkpoint_every, seed=args.seed)
+    metrics = train.pretrain_generalist(recipe, run_dir=args.run_dir, out_path=args.out or models.GENERALIST_PATH,
+                                        progress=not args.quiet)
+    print(json.dumps(metrics["headline"], indent=1))
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model (wraps cellpose.train.train_seg); resumable")
+    p.add_argument("--params", required=True, help="YAML: model, cohort_dir|manifest, out_dir, variant, epochs, ...")
+    p.add_argument("--out", help="run folder (overrides out_dir); rerun with the same folder to resume")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment a folder of tiles (batched, resumable, --shard I/N)")
+    p.add_argument("--model", required=True, help="cpsam, cpsam_v2, generalist, tiny, classical or a checkpoint .pt")
+    p.add_argument("--tiles", required=True, help="tiles folder (cohort channel files or one TIFF per tile)")
+    p.add_argument("--out", required=True, help="output folder: <tile>.tif masks + tiles_shard-I-of-N.tsv")
+    p.add_argument("--shard", help="I/N: take tiles I, I+N, ... of the sorted list (Slurm arrays)")
+    p.add_argument("--diameter", help="object diameter in px, 'auto' (estimate per tile) or 'none'; "
+                                      "default: the model's (auto for tiny nets, none for cpsam)")
+    p.add_argument("--flow-threshold", type=float, default=0.4)
+    p.add_argument("--cellprob-threshold", type=float, default=0.0)
+    p.add_argument("--min-size", type=int, default=15, help="smallest object kept (px)")
+    p.add_argument("--batch-tiles", type=int, default=8, help="tiles loaded and run together")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="network crops per forward pass (default: 8 on a GPU, 1 for tiny nets on the CPU)")
+    p.add_argument("--save-outputs", action="store_true", help="also save flows + cellprob (outputs/<tile>.npz)")
+    p.add_argument("--cpu", action="store_true", help="do not use a GPU even if there is one")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    from seglab.segment.train import GeneralistRecipe
+
+    r = GeneralistRecipe()
+    p = sub.add_parser("pretrain-generalist",
+                       help="train the tiny demo generalist on DSB2018 nuclei and write it to lib/seglab/assets/")
+    p.add_argument("--run-dir", default="runs/pretrain_generalist/current",
+                   help="run folder (checkpoints, losses.tsv); rerun with the same folder to resume")
+    p.add_argument("--out", help="weights path (default lib/seglab/assets/generalist_tiny.pt)")
+    p.add_argument("--preset", default=r.preset, choices=["xs", "s", "m"])
+    p.add_argument("--diam-mean-px", type=float, default=r.diam_mean_px, help="canonical nucleus diameter")
+    p.add_argument("--epochs", type=int, default=r.n_epochs)
+    p.add_argument("--nimg-per-epoch", type=int, default=r.nimg_per_epoch)
+    p.add_argument("--batch-size", type=int, default=r.batch_size)
+    p.add_argument("--bsize", type=int, default=r.bsize)
+    p.add_argument("--learning-rate", type=float, default=r.learning_rate)
+    p.add_argument("--weight-decay", type=float, default=r.weight_decay)
+    p.add_argument("--scale-range", type=float, default=r.scale_range)
+    p.add_argument("--checkpoint-every", type=int, default=r.checkpoint_every)
+    p.add_argument("--seed", type=int, default=r.seed)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_pretrain)

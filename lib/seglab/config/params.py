@@ -1,0 +1,299 @@
+"""Params files: ``params/<profile>/<NN_name>.yaml`` checked against ``params/schema/<NN_name>.yaml``.
+
+Every notebook's params are validated before anything runs. The schema is a
+YAML mapping from key to a spec::
+
+    epochs:      {type: int, min: 1, max: 10000, help: "training epochs"}
+    lr:          {type: float, min: 0, max: 1}
+    markers:     {type: list, items: str, choices: [gfap, iba1, neun, olig2, pecam]}
+    cohort_dir:  {type: path, input: true, help: "tiles folder; hashed into the manifest"}
+    diameter_px: {type: float, min: 1, nullable: true, default: null}
+
+Types: ``int``, ``float`` (an int is accepted), ``str``, ``bool``, ``path`` (a
+string, relative to the project root), ``list`` (``items`` gives the element
+type; ``min_len``/``max_len`` its length), ``mapping`` (a free dict of scalars).
+``min``/``max`` bound numbers (and each list item), ``choices`` lists the
+allowed values. A key without ``default`` must be given by the profile. With
+``input: true`` the file or folder the value names is hashed into the run
+manifest, so ``run-all`` reruns the notebook when it changes.
+
+A profile folder may hold ``defaults.yaml``: values shared by several
+notebooks; each notebook takes the keys its schema declares. A key in
+``defaults.yaml`` that no schema declares is an error too (a typo there would
+otherwise be ignored silently).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from seglab import SeglabError
+from seglab.core import paths
+from seglab.core.io import sha256_text
+
+SPEC_KEYS = {"type", "help", "default", "min", "max", "choices", "items", "nullable",
+             "input", "min_len", "max_len"}
+TYPES = {"int", "float", "str", "bool", "path", "list", "mapping"}
+_REQUIRED = object()
+
+
+class ParamsError(SeglabError):
+    """A params or schema file is wrong; the message names the file, the key and the fix."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice (PyYAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ParamsError(
+                f"{getattr(loader, 'name', '?')}: key '{key}' is given twice "
+                f"(lines {seen[key] + 1} and {key_node.start_mark.line + 1}); keep one")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from ``path`` (empty file -> {}), with file and line in every error."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    try:
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One key of a schema."""
+
+    key: str
+    type: str
+    help: str = ""
+    default: Any = _REQUIRED
+    min: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    items: str | None = None
+    nullable: bool = False
+    input: bool = False
+    min_len: int | None = None
+    max_len: int | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    def describe(self) -> str:
+        parts = [self.items and f"list of {self.items}" or self.type]
+        if self.min is not None or self.max is not None:
+            parts.append(f"range [{'-inf' if self.min is None else self.min}, "
+                         f"{'inf' if self.max is None else self.max}]")
+        if self.choices:
+            parts.append("one of " + ", ".join(map(str, self.choices)))
+        if self.nullable:
+            parts.append("or null")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Schema:
+    name: str
+    source: Path
+    specs: dict[str, Spec] = field(default_factory=dict)
+
+    def input_keys(self) -> list[str]:
+        return [k for k, s in self.specs.items() if s.input]
+
+
+def load_schema(name: str, root: Path | None = None) -> Schema:
+    """The schema of notebook ``name`` from ``params/schema/<name>.yaml``."""
+    root = root or paths.project_root()
+    source = root / "params" / "schema" / f"{name}.yaml"
+    raw = read_yaml(source)
+    specs = {}
+    for key, spec in raw.items():
+        if not isinstance(spec, dict):
+            raise ParamsError(f"{source}: key '{key}' needs a mapping like {{type: int}}")
+        unknown = set(spec) - SPEC_KEYS
+        if unknown:
+            raise ParamsError(f"{source}: key '{key}' has unknown spec field(s) {sorted(unknown)}; "
+                              f"allowed: {sorted(SPEC_KEYS)}")
+        if spec.get("type") not in TYPES:
+            raise ParamsError(f"{source}: key '{key}' has type {spec.get('type')!r}; "
+                              f"allowed: {sorted(TYPES)}")
+        if "choices" in spec:
+            spec = {**spec, "choices": tuple(spec["choices"])}
+        specs[key] = Spec(key=key, **spec)
+        if not specs[key].required:
+            _check_value(specs[key], specs[key].default, source)
+    return Schema(name=name, source=source, specs=specs)
+
+
+def _fail(source, key, message, spec: Spec | None = None) -> None:
+    hint = f" (expected {spec.describe()})" if spec else ""
+    help_ = f"; {spec.help}" if spec and spec.help else ""
+    raise ParamsError(f"{source}: key '{key}': {message}{hint}{help_}")
+
+
+def _check_scalar(spec: Spec, type_: str, value, source, key) -> Any:
+    if type_ == "bool":
+        if not isinstance(value, bool):
+            _fail(source, key, f"{value!r} is not true/false", spec)
+        return value
+    if type_ in ("int", "float"):
+        ok = isinstance(value, int) if type_ == "int" else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok:
+            _fail(source, key, f"{value!r} is not {'an integer' if type_ == 'int' else 'a number'}", spec)
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(source, key, f"{value!r} is not finite", spec)
+        if spec.min is not None and value < spec.min or spec.max is not None and value > spec.max:
+            _fail(source, key, f"{value!r} is out of range", spec)
+        return float(value) if type_ == "float" else value
+    if type_ in ("str", "path"):
+        if not isinstance(value, str) or not value:
+            _fail(source, key, f"{value!r} is not a non-empty string", spec)
+        return value
+    if type_ == "mapping":
+        if not isinstance(value, dict):
+            _fail(source, key, f"{value!r} is not a mapping", spec)
+        return value
+    raise AssertionError(type_)
+
+
+def _check_value(spec: Spec, value, source) -> Any:
+    key = spec.key
+    if value is None:
+        if spec.nullable:
+            return None
+        _fail(source, key, "null is not allowed", spec)
+    if spec.type == "list":
+        if not isinstance(value, list):
+            _fail(source, key, f"{value!r} is not a list", spec)
+        if spec.min_len is not None and len(value) < spec.min_len:
+            _fail(source, key, f"has {len(value)} items, fewer than {spec.min_len}", spec)
+        if spec.max_len is not None and len(value) > spec.max_len:
+            _fail(source, key, f"has {len(value)} items, more than {spec.max_len}", spec)
+        out = [_check_scalar(spec, spec.items or "str", v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        if spec.choices:
+            bad = [v for v in out if v not in spec.choices]
+            if bad:
+                _fail(source, key, f"{bad} not allowed", spec)
+        return out
+    out = _check_scalar(spec, spec.type, value, source, key)
+    if spec.choices and out not in spec.choices:
+        close = difflib.get_close_matches(str(out), [str(c) for c in spec.choices], n=1)
+        _fail(source, key, f"{out!r} is not allowed" + (f" (did you mean {close[0]!r}?)" if close else ""), spec)
+    return out
+
+
+def validate(raw: dict, schema: Schema, source: str | Path) -> dict:
+    """Check ``raw`` against ``schema``; return a new dict with defaults filled in.
+
+    Raises ParamsError naming ``source``, the key and the allowed keys, type or range.
+    """
+    unknown = [k for k in raw if k not in schema.specs]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(schema.specs), n=1)
+        raise ParamsError(
+            f"{source}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+            + f"; allowed keys for {schema.name}: {', '.join(sorted(schema.specs))} "
+            f"(schema: {schema.source})")
+    out = {}
+    for key, spec in schema.specs.items():
+        if key in raw:
+            out[key] = _check_value(spec, raw[key], source)
+        elif spec.required:
+            raise ParamsError(f"{source}: key '{key}' is required ({spec.describe()})"
+                              + (f"; {spec.help}" if spec.help else ""))
+        else:
+            out[key] = spec.default
+    return out
+
+
+def all_schemas(root: Path | None = None) -> dict[str, Schema]:
+    root = root or paths.project_root()
+    return {p.stem: load_schema(p.stem, root) for p in sorted((root / "params" / "schema").glob("*.yaml"))}
+
+
+def load_params(name: str, profile: str, overrides: dict | None = None,
+                root: Path | None = None) -> tuple[dict, list[Path]]:
+    """Resolved, validated params of notebook ``name`` in ``profile``.
+
+    Precedence: schema defaults < ``params/<profile>/defaults.yaml`` (keys this
+    schema declares) < ``params/<profile>/<name>.yaml`` < ``overrides``.
+    Returns (params, the files read).
+    """
+    root = root or paths.project_root()
+    profile_dir = root / "params" / profile
+    if not profile_dir.is_dir():
+        known = sorted(p.name for p in (root / "params").iterdir() if p.is_dir() and p.name != "schema")
+        raise ParamsError(f"profile '{profile}' not found: no folder {profile_dir}; profiles: {', '.join(known)}")
+    schema = load_schema(name, root)
+    merged: dict = {}
+    sources: list[Path] = []
+    defaults_file = profile_dir / "defaults.yaml"
+    if defaults_file.is_file():
+        defaults = read_yaml(defaults_file)
+        declared = set().union(*(s.specs for s in all_schemas(root).values()))
+        stray = [k for k in defaults if k not in declared]
+        if stray:
+            close = difflib.get_close_matches(str(stray[0]), sorted(declared), n=1)
+            raise ParamsError(f"{defaults_file}: unknown key '{stray[0]}'"
+                              + (f" (did you mean '{close[0]}'?)" if close else "")
+                              + f"; no notebook's schema declares it; declared keys: {', '.join(sorted(declared))}")
+        merged.update({k: v for k, v in defaults.items() if k in schema.specs})
+        sources.append(defaults_file)
+    own = profile_dir / f"{name}.yaml"
+    if own.is_file():
+        merged.update(read_yaml(own))
+        sources.append(own)
+    source = own if own.is_file() else profile_dir
+    params = validate(merged, schema, source)
+    if overrides:
+        params = validate({**params, **overrides}, schema, "command-line override")
+    return params, sources
+
+
+def params_hash(params: dict) -> str:
+    """sha256 of the params as canonical JSON (sorted keys): equal params, equal hash."""
+    return sha256_text(json.dumps(params, sort_keys=True, default=str))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` from the command line; the value is read as YAML (``epochs=3``, ``markers=[gfap]``)."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r}: expected key=value, e.g. epochs=3")
+    key, _, value = text.partition("=")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"override {text!r}: value is not valid YAML: {exc}") from None

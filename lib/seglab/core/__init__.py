@@ -1,0 +1,1 @@
+"""Foundations every stage uses: atomic writes and hashes (io), where things live (paths)."""

@@ -1,0 +1,1 @@
+"""Tile counts to donor features to clinical correlations, FDR and bootstrap stability."""

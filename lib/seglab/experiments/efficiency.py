@@ -1,0 +1,628 @@
+"""Label efficiency (E2) and leave-one-marker-out generalisation (E6): the loops behind notebooks 02 and 06.
+
+Both experiments fine-tune many models through :func:`seglab.experiments.study.finetune`
+(content-addressed cache under ``data/models/``, so a rerun with the same
+inputs trains nothing) and score them with the same per-image matching as
+every other notebook (:func:`seglab.experiments.study.evaluate_masks`).
+
+- E2: :func:`check_budgets`, :func:`label_budget_jobs`, :func:`label_budget_runs` (budgets x repeats,
+  scored on validation), :func:`curve_summary`, :func:`plateau_budget`,
+  :func:`plot_learning_curve`.
+- E6: :func:`lomo_markers`, :func:`lomo_jobs`, :func:`finetune_lomo`, :func:`evaluate_lomo`,
+  :func:`plot_marker_bars`.
+- Shared: :func:`finetune_many` (cache first, then parallel worker processes),
+  :func:`cached_model`, :func:`tile_ids_hash`, :func:`scores_from_per_image`,
+  :func:`evaluate_model`, :func:`split_subset`.
+
+Scores at one IoU threshold (0.5 in the study) are reported two ways:
+``ap_pooled`` (tp / (tp + fp + fn) over the summed counts of all images) and
+``ap_mean`` (the per-image AP averaged over images, with ``ap_sd``,
+``ap_min``, ``ap_max`` across images). Images where truth and prediction are
+both empty have nothing to score and are left out of the per-image statistics,
+as in :func:`seglab.evaluate.metrics.evaluate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from seglab import SeglabError
+from seglab.segment import models
+from seglab.core import paths
+from seglab.experiments import study
+
+SCORE_COLUMNS = ("ap_pooled", "ap_mean", "ap_sd", "ap_min", "ap_max", "precision", "recall", "f1",
+                 "tp", "fp", "fn", "n_true", "n_pred", "n_images")
+
+
+# --------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------
+
+def tile_ids_hash(ids: Sequence[str], length: int = 16) -> str:
+    """A short, order-free fingerprint of a set of tile ids (sha256 of the sorted ids, hex).
+
+    Two runs trained on the same tiles have the same hash, whichever order the
+    ids came in; the table of E2 carries it so that repeats drawing the same
+    subset are visible at a glance.
+
+    >>> tile_ids_hash(["b", "a"]) == tile_ids_hash(["a", "b"])
+    True
+    """
+    ids = sorted(str(i) for i in ids)
+    if not ids:
+        raise SeglabError("tile_ids_hash: no tile ids given")
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:length]
+
+
+def scores_from_per_image(per_image: pd.DataFrame, iou: float = 0.5) -> dict:
+    """Pooled and per-image summaries at one IoU threshold from ``Evaluation.per_image`` rows.
+
+    Parameters
+    ----------
+    per_image : DataFrame
+        Rows of :attr:`seglab.evaluate.metrics.Evaluation.per_image` (columns threshold,
+        tp, fp, fn, n_true, n_pred, ap, precision, recall, f1, both_empty), any subset of images.
+    iou : float
+        The IoU threshold whose rows are summarised (must have been evaluated).
+
+    Returns
+    -------
+    dict with ``SCORE_COLUMNS``: ``ap_pooled``, ``precision``, ``recall``,
+    ``f1`` from the summed counts; ``ap_mean``, ``ap_sd`` (ddof=1; 0 for one
+    image), ``ap_min``, ``ap_max`` across images; the summed counts; ``n_images``.
+    """
+    need = ["threshold", "tp", "fp", "fn", "n_true", "n_pred", "ap"]
+    missing = [c for c in need if c not in per_image.columns]
+    if missing:
+        raise SeglabError(f"scores_from_per_image: per_image lacks columns {missing}; pass Evaluation.per_image")
+    sub = per_image[np.isclose(per_image["threshold"].to_numpy(float), iou)]
+    if sub.empty:
+        raise SeglabError(f"scores_from_per_image: IoU threshold {iou} was not evaluated "
+                          f"(have {sorted(per_image['threshold'].unique())})")
+    tp, fp, fn = (int(sub[c].sum()) for c in ("tp", "fp", "fn"))
+    scored = sub[~sub["both_empty"].astype(bool)] if "both_empty" in sub.columns else sub
+    ap = scored["ap"].to_numpy(float)
+    return {
+        "ap_pooled": tp / (tp + fp + fn) if tp + fp + fn else 0.0,
+        "ap_mean": float(ap.mean()) if len(ap) else float("nan"),
+        "ap_sd": float(ap.std(ddof=1)) if len(ap) > 1 else 0.0,
+        "ap_min": float(ap.min()) if len(ap) else float("nan"),
+        "ap_max": float(ap.max()) if len(ap) else float("nan"),
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+        "tp": tp, "fp": fp, "fn": fn, "n_true": int(sub["n_true"].sum()), "n_pred": int(sub["n_pred"].sum()),
+        "n_images": int(len(sub)),
+    }
+
+
+def split_subset(split: study.SplitSet, markers: Sequence[str]) -> study.SplitSet:
+    """The tiles of ``split`` whose marker is in ``markers`` (no reloading from disk)."""
+    markers = [str(m) for m in markers]
+    keep = [i for i, m in enumerate(split.rows["marker"]) if str(m) in markers]
+    if not keep:
+        raise SeglabError(f"split '{split.split}' has no tiles of marker(s) {markers} "
+                          f"(markers there: {sorted(split.rows['marker'].unique())})")
+    return study.SplitSet(split=split.split, rows=split.rows.iloc[keep].reset_index(drop=True),
+                          images=[split.images[i] for i in keep], masks=[split.masks[i] for i in keep])
+
+
+def _diameter(diameter_px):
+    # params use null for "the model's default" (estimated per tile for tiny
+    # nets); Model.segment reads None as "do not rescale", so translate.
+    return "default" if diameter_px is None else diameter_px
+
+
+def evaluate_model(model, split: study.SplitSet, *, diameter_px=None, flow_threshold: float = 0.4,
+                   cellprob_threshold: float = 0.0, min_size: int = 15, iou: float = 0.5, cached: bool = False):
+    """Segment every tile of ``split`` once with ``model`` and score it at ``iou``.
+
+    Parameters
+    ----------
+    model : a ``seglab.segment.models.Model`` or a spec / checkpoint path for ``models.load``.
+    split : the tiles (see :func:`seglab.experiments.study.annotated_split`).
+    diameter_px : object diameter in px; None = the model's default.
+    flow_threshold, cellprob_threshold, min_size : cellpose's mask settings.
+    cached : take the network outputs from (and put them into) the cache of
+        :func:`seglab.experiments.study.segment_cached`, so a pass another notebook made on the
+        same tiles with the same weights is reused.
+
+    Returns
+    -------
+    (scores, per_image, masks) : the dict of :func:`scores_from_per_image`,
+    ``Evaluation.per_image`` (with marker and donor columns) and the predicted masks.
+    """
+    if not isinstance(model, models.Model):
+        model = models.load(model)
+    segment = study.segment_cached if cached else study.segment_split
+    extra = {"log": lambda *a: None} if cached else {}
+    masks, _ = segment(model, split, diameter_px=_diameter(diameter_px), flow_threshold=flow_threshold,
+                       cellprob_threshold=cellprob_threshold, min_size=min_size, **extra)
+    ev = study.evaluate_masks(split, masks, thresholds=(iou,))
+    return scores_from_per_image(ev.per_image, iou), ev.per_image, masks
+
+
+def _rel(path: Path) -> str:
+    path = Path(path)
+    root = paths.project_root()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _finetune_logged(log, **kwargs) -> tuple[Path, bool, float]:
+    """study.finetune, plus whether it reused a cached model and how long it took (s)."""
+    said: list[str] = []
+
+    def capture(msg):
+        said.append(str(msg))
+        if log is not None:
+            log(msg)
+
+    t0 = time.monotonic()
+    path = study.finetune(log=capture, **kwargs)
+    return Path(path), any("reusing" in m for m in said), round(time.monotonic() - t0, 1)
+
+
+def cached_model(base: str, cohort_dir: str, variant: str = "generic", *, train_params: dict,
+                 markers: Sequence[str] | None = None, budget: int | None = None, budget_seed: int = 0,
+                 cache_dir: str = study.MODEL_CACHE, validate: bool = True) -> Path | None:
+    """The finished checkpoint :func:`seglab.experiments.study.finetune` would reuse for these arguments, or None,
+    without training anything, so that a batch of fine-tunes can skip starting worker
+    processes when every model is cached. (``validate`` is accepted and ignored: it is not part
+    of the cache key.)"""
+    return study.finished_model(study.model_dir(base, cohort_dir, variant, train_params=train_params,
+                                                markers=markers, budget=budget, budget_seed=budget_seed,
+                                                cache_dir=cache_dir))
+
+
+def _worker_finetune(job: dict) -> tuple[str, bool, float]:
+    path, cached, fit_s = _finetune_logged(None, **job)
+    return str(path), cached, fit_s
+
+
+def finetune_many(jobs: Sequence[dict], *, n_jobs: int = 1, threads_per_job: int | None = 1,
+                  log: Callable | None = print) -> list[dict]:
+    """Run :func:`seglab.experiments.study.finetune` for each job (a dict of its keyword arguments), ``n_jobs`` at a time.
+
+    Cached models are picked up first, in this process. The rest train in
+    ``n_jobs`` worker processes (spawned; each with ``threads_per_job`` torch
+    threads): tiny nets on a small CPU train faster as two one-thread
+    processes than as one two-thread process. With ``n_jobs`` 1 they train here,
+    one after the other (the choice on a GPU). Results do not depend on
+    ``n_jobs``: each model is its own seeded, deterministic training run.
+
+    Returns
+    -------
+    list of {"path": Path, "cached": bool, "fit_s": float}, in the order of ``jobs``.
+    """
+    from concurrent.futures import as_completed
+
+    if int(n_jobs) < 1:
+        raise SeglabError(f"n_jobs={n_jobs}: need at least 1 (parallel fine-tunes)")
+    results: list = [None] * len(jobs)
+    todo = []
+    for i, job in enumerate(jobs):
+        found = cached_model(**job)
+        if found is not None:
+            results[i] = {"path": found, "cached": True, "fit_s": 0.0}
+            if log is not None:
+                log(f"[study] {job.get('variant', 'generic')}: reusing {_rel(found.parent)}")
+        else:
+            todo.append(i)
+    if int(n_jobs) == 1 or len(todo) <= 1:
+        for i in todo:
+            path, cached, fit_s = _finetune_logged(log, **jobs[i])
+            results[i] = {"path": path, "cached": cached, "fit_s": fit_s}
+        return results
+    if log is not None:
+        log(f"[efficiency] fine-tuning {len(todo)} models, {min(int(n_jobs), len(todo))} at a time")
+    with study.worker_pool(min(int(n_jobs), len(todo)), threads_per_job) as pool:
+        futures = {pool.submit(_worker_finetune, dict(jobs[i])): i for i in todo}
+        for f in as_completed(futures):
+            i = futures[f]
+            path, cached, fit_s = f.result()
+            results[i] = {"path": Path(path), "cached": cached, "fit_s": fit_s}
+            if log is not None:
+                job = jobs[i]
+                what = ", ".join(f"{k} {job[k]}" for k in ("markers", "budget", "budget_seed") if job.get(k) is not None)
+                log(f"[efficiency] {job.get('variant', 'generic')} ({what}) trained in {fit_s} s -> {_rel(Path(path).parent)}")
+    return results
+
+
+def _trained_on(path: Path) -> tuple[list[str], list[str]]:
+    """(tile ids the checkpoint was trained on, tile ids dropped for too few objects), from its sidecar."""
+    side = models.read_sidecar(path)
+    return [str(t) for t in side.get("train_tiles") or []], [str(t) for t in side.get("dropped_tiles") or []]
+
+
+# --------------------------------------------------------------------------------------
+# E2: label efficiency
+# --------------------------------------------------------------------------------------
+
+def check_budgets(manifest: pd.DataFrame, budgets: Sequence[int], repeats: int) -> list[int]:
+    """Validate the budgets against the annotated training tiles before any training starts.
+
+    Returns the budgets sorted and de-duplicated. Raises SeglabError naming the
+    budget and the number of training tiles (a budget cannot exceed it).
+    """
+    from seglab.segment import train
+
+    if int(repeats) < 1:
+        raise SeglabError(f"repeats={repeats}: need at least one repeat per budget")
+    budgets = sorted({int(b) for b in budgets})
+    if not budgets:
+        raise SeglabError("budgets: empty; give training budgets in tiles, e.g. [2, 5, 10, 20, 30]")
+    n_train = len(train.select_training_tiles(manifest, {"variant": "label_budget"}, "train"))
+    bad = [b for b in budgets if b < 1 or b > n_train]
+    if bad:
+        raise SeglabError(f"budgets {bad} are outside 1..{n_train} (the annotated training tiles of this cohort); "
+                          f"lower them in params/<profile>/02_label_efficiency.yaml")
+    return budgets
+
+
+def reference_job(base: str, cohort_dir: str, *, train_params: dict, cache_dir: str = study.MODEL_CACHE) -> dict:
+    """The :func:`seglab.experiments.study.finetune` arguments of the full-data generic model, the reference of
+    E2 and E6 (the same cache entry as E1's generic model and E5's fine-tuned one)."""
+    return dict(base=base, cohort_dir=cohort_dir, variant="generic", train_params=train_params, cache_dir=cache_dir)
+
+
+def label_budget_jobs(base: str, cohort_dir: str, budgets: Sequence[int], repeats: int, *, train_params: dict,
+                      cache_dir: str = study.MODEL_CACHE, validate: bool = True) -> list[dict]:
+    """The :func:`seglab.experiments.study.finetune` arguments of every (budget, repeat), budget-major
+    (for :func:`finetune_many`, e.g. together with the generic model). ``validate``: training
+    scores its final weights on validation (what ``rescore=False`` reads back)."""
+    return [dict(base=base, cohort_dir=cohort_dir, variant="label_budget", train_params=train_params, budget=int(b),
+                 budget_seed=r, cache_dir=cache_dir, validate=bool(validate))
+            for b in budgets for r in range(int(repeats))]
+
+
+def label_budget_runs(base: str, cohort_dir: str, budgets: Sequence[int], repeats: int, *, train_params: dict,
+                      val: study.SplitSet, diameter_px=None, flow_threshold: float = 0.4,
+                      cellprob_threshold: float = 0.0, min_size: int = 15, iou: float = 0.5,
+                      rescore: bool = True, cache_dir: str = study.MODEL_CACHE, n_jobs: int = 1,
+                      threads_per_job: int | None = 1, log: Callable | None = print) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fine-tune ``base`` on ``budget`` random training tiles, ``repeats`` draws each; score on ``val``.
+
+    Repeat ``r`` draws its tiles with ``budget_seed=r`` (``seglab.segment.train``
+    samples the annotated training tiles with that seed); the training seed
+    itself stays ``train_params['seed']``, so the spread across repeats is the
+    spread due to *which* tiles were annotated. ``n_jobs`` / ``threads_per_job``:
+    see :func:`finetune_many`.
+
+    ``rescore`` True segments ``val`` with each model (per-tile scores, any
+    settings). False reads the validation AP that training computed on the same
+    tiles (:func:`sidecar_val_scores`; default settings only, no per-tile
+    table, about a third less CPU per model on the demo machine).
+
+    Returns
+    -------
+    runs : DataFrame, one row per (budget, repeat): budget, budget_seed,
+        n_train_tiles, n_dropped_tiles, train_tiles_hash, train_tile_ids
+        (";"-joined), model (path), cached, fit_s, eval_s, then ``SCORE_COLUMNS``.
+    per_image : DataFrame, ``Evaluation.per_image`` rows with budget and budget_seed (empty without ``rescore``).
+    """
+    # rescored here, so training skips its own validation pass
+    jobs = label_budget_jobs(base, cohort_dir, budgets, repeats, train_params=train_params, cache_dir=cache_dir,
+                             validate=not rescore)
+    grid = [(j["budget"], j["budget_seed"]) for j in jobs]
+    if not rescore:  # before any training: the stored validation AP must mean what the caller asks
+        _check_default_settings(diameter_px, flow_threshold, cellprob_threshold, min_size, iou)
+    fits = finetune_many(jobs, n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)
+    if rescore:  # the network passes n_jobs at a time, into the output cache evaluate_model reads
+        study.segment_cached_many([dict(model=str(f["path"]), split=val, diameter_px=_diameter(diameter_px))
+                                   for f in fits], n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)
+    rows, per = [], []
+    for (b, r), fit in zip(grid, fits):
+        ids, dropped = _trained_on(fit["path"])
+        t0 = time.monotonic()
+        if rescore:
+            scores, pi, _ = evaluate_model(fit["path"], val, diameter_px=diameter_px, flow_threshold=flow_threshold,
+                                           cellprob_threshold=cellprob_threshold, min_size=min_size, iou=iou,
+                                           cached=True)
+            per.append(pi.assign(budget=b, budget_seed=r))
+        else:
+            scores = sidecar_val_scores(fit["path"], n_expected=len(val))
+        eval_s = round(time.monotonic() - t0, 1)
+        rows.append({"budget": b, "budget_seed": r, "n_train_tiles": len(ids),
+                     "n_dropped_tiles": len(dropped), "train_tiles_hash": tile_ids_hash(ids + dropped),
+                     "train_tile_ids": ";".join(sorted(ids + dropped)), "model": _rel(fit["path"]),
+                     "cached": fit["cached"], "fit_s": fit["fit_s"], "eval_s": eval_s, **scores})
+        if log is not None:
+            log(f"[E2] budget {b} repeat {r}: val AP@{iou:g} pooled {scores['ap_pooled']:.3f}, "
+                f"mean over tiles {scores['ap_mean']:.3f}")
+    return pd.DataFrame(rows), (pd.concat(per, ignore_index=True) if per else pd.DataFrame())
+
+
+def _check_default_settings(diameter_px, flow_threshold, cellprob_threshold, min_size, iou) -> None:
+    given = {"diameter_px": diameter_px, "flow_threshold": flow_threshold, "cellprob_threshold": cellprob_threshold,
+             "min_size": min_size, "iou": iou}
+    differ = {k: v for k, v in given.items() if v != TRAIN_VAL_SETTINGS[k]}
+    if differ:
+        raise SeglabError(f"the validation AP stored by training uses {TRAIN_VAL_SETTINGS}; these settings differ: "
+                          f"{differ}. Rescore the models (rescore_per_image: true) to evaluate them with yours")
+
+
+# what seglab.segment.train.fit's closing validation pass uses (train.evaluate_ap50 -> Model.segment defaults)
+TRAIN_VAL_SETTINGS = {"diameter_px": None, "flow_threshold": 0.4, "cellprob_threshold": 0.0, "min_size": 15, "iou": 0.5}
+
+
+def sidecar_val_scores(path: Path, n_expected: int | None = None) -> dict:
+    """The validation AP@0.5 that ``seglab.segment.train.fit`` computed at the end of training (its sidecar).
+
+    fit scores the final weights on the run's validation tiles with the model's
+    default settings (``TRAIN_VAL_SETTINGS``); reading it back saves a second
+    pass over the validation tiles. Only ``ap_pooled``, ``ap_mean`` and
+    ``n_images`` are known (and the counts ``tp``/``fp``/``fn`` where stored); the rest is NaN.
+    """
+    m = (models.read_sidecar(path).get("metrics") or {})
+    if "val_ap50_pooled" not in m:
+        raise SeglabError(f"{path}: its sidecar has no validation AP (trained without validation tiles?); "
+                          "rescore the models (rescore_per_image: true)")
+    n = int(m.get("val_n_images", 0))
+    if n_expected is not None and n != n_expected:
+        raise SeglabError(f"{path}: training scored {n} validation tiles, the notebook's validation split has "
+                          f"{n_expected}; rescore the models (rescore_per_image: true)")
+    out = {k: float("nan") for k in SCORE_COLUMNS}
+    out.update(ap_pooled=float(m["val_ap50_pooled"]), ap_mean=float(m["val_ap50_mean"]), n_images=n)
+    return out
+
+
+def curve_summary(runs: pd.DataFrame, metric: str = "ap_pooled") -> pd.DataFrame:
+    """Per budget: n_repeats, mean, sd (ddof=1; 0 for one repeat), min, max of ``metric`` across repeats."""
+    if metric not in runs.columns or "budget" not in runs.columns:
+        raise SeglabError(f"curve_summary: runs need columns budget and {metric} (have {list(runs.columns)})")
+    g = runs.groupby("budget")[metric]
+    out = pd.DataFrame({"n_repeats": g.size(), "mean": g.mean(), "sd": g.std(ddof=1).fillna(0.0),
+                        "min": g.min(), "max": g.max()}).reset_index()
+    out.insert(1, "metric", metric)
+    return out
+
+
+def plateau_budget(summary: pd.DataFrame, tolerance: float) -> int:
+    """The smallest budget whose mean is within ``tolerance`` of the best mean over budgets.
+
+    This is the study's definition of the plateau: annotating more tiles than
+    this buys at most ``tolerance`` (in AP) on validation.
+
+    >>> plateau_budget(pd.DataFrame({"budget": [2, 5, 10], "mean": [0.3, 0.58, 0.6]}), 0.05)
+    5
+    """
+    if tolerance < 0:
+        raise SeglabError(f"plateau tolerance {tolerance} must be >= 0 (AP units)")
+    if summary.empty:
+        raise SeglabError("plateau_budget: empty summary")
+    s = summary.sort_values("budget")
+    best = s["mean"].max()
+    return int(s.loc[s["mean"] >= best - tolerance - 1e-12, "budget"].iloc[0])
+
+
+def plot_learning_curve(runs: pd.DataFrame, metrics: Mapping[str, str], *, references: Mapping[str, Mapping[str, float]] | None = None,
+                        plateau: Mapping[str, int] | None = None, tolerance: float | None = None,
+                        figsize=None):
+    """Learning curves, one panel per metric: each repeat as a dot, the mean as a line, min-max shaded, SD bars.
+
+    Parameters
+    ----------
+    runs : the table of :func:`label_budget_runs`.
+    metrics : {column: axis label}, e.g. {"ap_pooled": "val AP@0.5 (pooled)"}.
+    references : {column: {label: value}} drawn as horizontal lines (baseline, full-data model).
+    plateau : {column: budget} marked with a vertical line.
+    tolerance : the plateau tolerance (AP), shown in the legend.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    metrics = dict(metrics)
+    fig = Figure(figsize=figsize or (5.2 * len(metrics), 4), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    styles = [("tab:gray", "--"), ("tab:green", ":"), ("tab:purple", "-.")]
+    for ax, (col, label) in zip(axes, metrics.items()):
+        s = curve_summary(runs, col)
+        x = s["budget"].to_numpy(float)
+        ax.fill_between(x, s["min"], s["max"], color="tab:blue", alpha=0.15, lw=0, label="min-max over repeats")
+        ax.errorbar(x, s["mean"], yerr=s["sd"], color="tab:blue", marker="o", capsize=3,
+                    label="mean +- SD over repeats")
+        rng = np.random.default_rng(0)  # jitter only; deterministic figure
+        ax.scatter(runs["budget"] * np.exp(rng.uniform(-0.04, 0.04, len(runs))), runs[col], s=12, color="k",
+                   alpha=0.6, zorder=3, lw=0, label="one repeat")
+        for (name, value), (c, ls) in zip((references or {}).get(col, {}).items(), styles):
+            if value is not None and np.isfinite(value):
+                ax.axhline(value, color=c, ls=ls, lw=1.5, label=f"{name}: {value:.3f}")
+        if plateau and col in plateau:
+            tol = f" (within {tolerance:g} AP of the best mean)" if tolerance is not None else ""
+            ax.axvline(plateau[col], color="tab:red", lw=1, alpha=0.7, label=f"plateau: {plateau[col]} tiles{tol}")
+        ax.set_xscale("log")
+        ax.set_xticks(x, [str(int(b)) for b in x])
+        ax.minorticks_off()
+        ax.set_xlabel("annotated training tiles (budget)")
+        ax.set_ylabel(label)
+        # zoom on the data and the reference lines (AP differences of a few points matter here)
+        vals = np.concatenate([runs[col].to_numpy(float),
+                               [v for v in (references or {}).get(col, {}).values() if v is not None]])
+        vals = vals[np.isfinite(vals)]
+        lo = max(0.0, float(vals.min()) - 0.15) if len(vals) else 0.0
+        ax.set_ylim(lo, min(1.0, float(vals.max()) + 0.05) if len(vals) else 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# E6: leave one marker out
+# --------------------------------------------------------------------------------------
+
+def lomo_markers(manifest: pd.DataFrame, markers: Sequence[str] | None = None) -> list[str]:
+    """The markers to hold out: ``markers`` (checked against the cohort) or, if empty/None, every
+    marker with annotated tiles in train and test."""
+    ann = manifest[manifest["annotated"].astype(bool)]
+    usable = sorted(set(ann.loc[ann["split"] == "train", "marker"]) & set(ann.loc[ann["split"] == "test", "marker"]))
+    if not markers:
+        if len(usable) < 2:
+            raise SeglabError(f"leave-one-marker-out needs at least two markers with annotated train and test tiles "
+                              f"(have {usable})")
+        return usable
+    bad = [m for m in markers if m not in usable]
+    if bad:
+        raise SeglabError(f"markers {bad} have no annotated train and test tiles in this cohort "
+                          f"(usable: {', '.join(usable)}); fix 'markers' in params/<profile>/06_leave_one_marker_out.yaml")
+    return list(dict.fromkeys(str(m) for m in markers))
+
+
+def lomo_jobs(base: str, cohort_dir: str, markers: Sequence[str], *, train_params: dict,
+              cache_dir: str = study.MODEL_CACHE) -> list[dict]:
+    """The :func:`seglab.experiments.study.finetune` arguments of each held-out marker's model (for :func:`finetune_many`).
+
+    E6 scores these models on the held-out marker's tiles only, so training skips its final
+    validation pass (over the other markers' validation tiles)."""
+    return [dict(base=base, cohort_dir=cohort_dir, variant="leave_one_marker_out", train_params=train_params,
+                 markers=[m], cache_dir=cache_dir, validate=False) for m in markers]
+
+
+def finetune_lomo(base: str, cohort_dir: str, markers: Sequence[str], *, train_params: dict,
+                  cache_dir: str = study.MODEL_CACHE, n_jobs: int = 1, threads_per_job: int | None = 1,
+                  log: Callable | None = print) -> pd.DataFrame:
+    """Fine-tune ``base`` once per marker with that marker's tiles left out (train and validation).
+
+    Returns one row per held-out marker: marker, model (path), n_train_tiles,
+    train_tiles_hash, cached, fit_s. Checks that no training tile carries the
+    held-out marker (it would be a leak). ``n_jobs`` / ``threads_per_job``: see :func:`finetune_many`.
+    """
+    from seglab.data import manifest as data
+
+    manifest = data.cohort_manifest(paths.resolve(cohort_dir))
+    marker_of = dict(zip(manifest["tile_id"].astype(str), manifest["marker"].astype(str)))
+    jobs = lomo_jobs(base, cohort_dir, markers, train_params=train_params, cache_dir=cache_dir)
+    rows = []
+    for m, fit in zip(markers, finetune_many(jobs, n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)):
+        path = fit["path"]
+        ids, dropped = _trained_on(path)
+        leaked = [t for t in ids if marker_of.get(t) == m]
+        if leaked:
+            raise SeglabError(f"leave-one-marker-out model {path} was trained on {len(leaked)} tiles of the held-out "
+                              f"marker {m} (e.g. {leaked[0]}); delete the folder and rerun")
+        rows.append({"marker": m, "model": _rel(path), "n_train_tiles": len(ids), "n_dropped_tiles": len(dropped),
+                     "train_tiles_hash": tile_ids_hash(ids + dropped), "cached": fit["cached"],
+                     "fit_s": fit["fit_s"]})
+    return pd.DataFrame(rows)
+
+
+def evaluate_lomo(lomo: pd.DataFrame, references: Mapping[str, object], split: study.SplitSet, *,
+                  diameter_px=None, flow_threshold: float = 0.4, cellprob_threshold: float = 0.0,
+                  min_size: int = 15, iou: float = 0.5,
+                  before: Callable[[str, dict], object] | None = None, n_jobs: int = 1,
+                  threads_per_job: int | None = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score each held-out marker's model on that marker's tiles of ``split``, and the reference models there too.
+
+    Parameters
+    ----------
+    lomo : the table of :func:`finetune_lomo` (marker, model).
+    references : {name: model spec / path / Model}, e.g. {"baseline": "generalist",
+        "generic": path}; each runs once over all tiles of the held-out markers.
+    split : the tiles to score (validation or test).
+    before : called as ``before(name, config)`` right before each model's tiles
+        are scored, e.g. ``run.record_test_evaluation`` for the test split.
+    n_jobs, threads_per_job : network passes run at once in worker processes
+        (:func:`seglab.experiments.study.segment_cached_many`). The outputs go through the cache of
+        :func:`seglab.experiments.study.segment_cached`, so the references reuse notebook 01's
+        passes over the same tiles.
+
+    Returns
+    -------
+    table : one row per (marker, model) with model in ("lomo", *references):
+        marker, model, then ``SCORE_COLUMNS``.
+    per_image : ``Evaluation.per_image`` rows with a ``model`` column.
+    """
+    markers = list(lomo["marker"])
+    held = split_subset(split, markers)
+    settings = {"diameter_px": diameter_px, "flow_threshold": flow_threshold,
+                "cellprob_threshold": cellprob_threshold, "min_size": min_size, "iou": iou}
+    subs = {str(r["marker"]): split_subset(held, [r["marker"]]) for _, r in lomo.iterrows()}
+    pass_kw = dict(diameter_px=_diameter(diameter_px), flow_threshold=flow_threshold,
+                   cellprob_threshold=cellprob_threshold, min_size=min_size)
+    study.segment_cached_many(
+        [dict(model=str(paths.resolve(r["model"])), split=subs[str(r["marker"])], **pass_kw) for _, r in lomo.iterrows()]
+        + [dict(model=str(spec) if isinstance(spec, Path) else spec, split=held, **pass_kw)
+           for spec in references.values()], n_jobs=n_jobs, threads_per_job=threads_per_job, log=None)
+    rows, per = [], []
+    for _, r in lomo.iterrows():
+        sub = subs[str(r["marker"])]
+        if before is not None:
+            before(f"lomo_{r['marker']}", {"model": r["model"], "held_out_marker": r["marker"], **settings})
+        scores, pi, _ = evaluate_model(paths.resolve(r["model"]), sub, **settings, cached=True)
+        rows.append({"marker": r["marker"], "model": "lomo", **scores})
+        per.append(pi.assign(model="lomo"))
+    for name, spec in references.items():
+        if before is not None:
+            before(name, {"model": spec if isinstance(spec, str) else str(getattr(spec, "spec", spec)),
+                          "markers": markers, **settings})
+        _, pi, _ = evaluate_model(str(spec) if isinstance(spec, Path) else spec, held, **settings, cached=True)
+        per.append(pi.assign(model=name))
+        for m in markers:
+            rows.append({"marker": m, "model": name, **scores_from_per_image(pi[pi["marker"] == m], iou)})
+    return pd.DataFrame(rows), pd.concat(per, ignore_index=True)
+
+
+def gap_table(table: pd.DataFrame, metric: str = "ap_pooled", reference: str = "generic",
+              other: str = "lomo") -> pd.DataFrame:
+    """One row per marker: ``metric`` of each model side by side and ``gap = reference - other``.
+
+    A positive gap is what the held-out marker costs: the model that saw it
+    in training does better on it than the one that did not.
+    """
+    wide = table.pivot(index="marker", columns="model", values=metric)
+    for need in (reference, other):
+        if need not in wide.columns:
+            raise SeglabError(f"gap_table: no rows for model '{need}' (have {list(wide.columns)})")
+    wide.columns = [f"{metric}_{c}" for c in wide.columns]
+    wide[f"gap_{reference}_minus_{other}"] = wide[f"{metric}_{reference}"] - wide[f"{metric}_{other}"]
+    return wide.reset_index()
+
+
+def plot_marker_bars(table: pd.DataFrame, per_image: pd.DataFrame | None = None, *, metric: str = "ap_pooled",
+                     models_order: Sequence[str] | None = None, labels: Mapping[str, str] | None = None,
+                     ylabel: str = "AP@0.5", iou: float = 0.5, figsize=None):
+    """Grouped bars: one group per marker, one bar per model (``metric``); per-image AP as dots.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    order = list(models_order or dict.fromkeys(table["model"]))
+    labels = dict(labels or {})
+    markers = list(dict.fromkeys(table["marker"]))
+    fig = Figure(figsize=figsize or (max(6.5, 1.5 + 0.6 * len(markers) * max(1, len(order))), 4.5),
+                 layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(order))
+    colors = ["#bdbdbd", "#6baed6", "#fd8d3c", "#74c476", "#9e9ac8"]
+    rng = np.random.default_rng(0)
+    for j, name in enumerate(order):
+        vals = [table.loc[(table["marker"] == m) & (table["model"] == name), metric] for m in markers]
+        heights = [float(v.iloc[0]) if len(v) else np.nan for v in vals]
+        pos = np.arange(len(markers)) + (j - (len(order) - 1) / 2) * width
+        bars = ax.bar(pos, heights, width=width * 0.95, color=colors[j % len(colors)], edgecolor="k", lw=0.5,
+                      label=labels.get(name, name))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+        if per_image is not None:
+            sub = per_image[(per_image["model"] == name) & np.isclose(per_image["threshold"], iou)]
+            for p, m in zip(pos, markers):
+                v = sub.loc[sub["marker"] == m, "ap"].to_numpy(float)
+                ax.scatter(p + rng.uniform(-width / 4, width / 4, len(v)), v, s=7, color="k", alpha=0.6, lw=0, zorder=3)
+    ax.set_xticks(np.arange(len(markers)), markers)
+    ax.set_xlabel("held-out marker (its tiles only)")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=1, loc="upper center", bbox_to_anchor=(0.5, -0.15))
+    return fig

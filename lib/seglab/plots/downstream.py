@@ -1,0 +1,120 @@
+"""Figures of the downstream tables (each function returns a matplotlib Figure; no pyplot).
+
+They take the tables of :mod:`seglab.downstream.analysis`: ``Analysis.correlations``,
+:func:`~seglab.downstream.analysis.threshold_sensitivity` and
+:func:`~seglab.downstream.analysis.compare_models`'s ``side_by_side``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from seglab import SeglabError
+from seglab.plots.evaluation import _check_columns, _figure
+
+
+def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
+    _check_columns(df, cols, what, source="seglab.downstream.analysis")
+
+
+def _heat(ax, table: pd.DataFrame, feature: str, rho_col: str, q_col: str, alpha: float, title: str):
+    t = table[table["feature"] == feature]
+    if t.empty:
+        raise SeglabError(f"no test of feature {feature!r} in the table (have {sorted(table['feature'].unique())})")
+    rho = t.pivot(index="marker", columns="outcome", values=rho_col)
+    q = t.pivot(index="marker", columns="outcome", values=q_col).reindex_like(rho)
+    outcomes = [o for o in t["outcome"].drop_duplicates()]
+    rho, q = rho[outcomes], q[outcomes]
+    im = ax.imshow(rho.to_numpy(float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(outcomes)), outcomes, rotation=45, ha="right")
+    ax.set_yticks(range(len(rho.index)), rho.index)
+    for i in range(rho.shape[0]):
+        for j in range(rho.shape[1]):
+            r, qq = rho.iat[i, j], q.iat[i, j]
+            if np.isfinite(r):
+                star = "*" if np.isfinite(qq) and qq < alpha else ""
+                ax.text(j, i, f"{r:.2f}{star}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(r) > 0.6 else "black")
+            else:
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=7, color="grey")
+    ax.set_title(title, fontsize=9)
+    return im
+
+
+def rho_heatmap(correlations: pd.DataFrame, feature: str = "ratio", *, alpha: float = 0.05,
+                title: str | None = None, figsize=(6, 3.2)):
+    """Spearman rho by marker x outcome for one feature; ``*`` marks q < alpha (BH)."""
+    _need(correlations, ["marker", "feature", "outcome", "rho", "q"], "rho_heatmap")
+    fig = _figure(figsize)
+    ax = fig.add_subplot()
+    im = _heat(ax, correlations, feature, "rho", "q", alpha, title or f"Spearman rho, {feature} (* q < {alpha:g})")
+    fig.colorbar(im, ax=ax, label="rho")
+    return fig
+
+
+def compare_heatmaps(side_by_side: pd.DataFrame, models: Sequence[str], feature: str = "ratio", *,
+                     alpha: float = 0.05, figsize=None):
+    """One rho heatmap per model, side by side (columns ``rho_<model>``, ``q_<model>``)."""
+    for m in models:
+        _need(side_by_side, [f"rho_{m}", f"q_{m}"], "compare_heatmaps")
+    fig = _figure(figsize or (4.2 * len(models), 3.2))
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    im = None
+    for ax, m in zip(axes, models):
+        im = _heat(ax, side_by_side, feature, f"rho_{m}", f"q_{m}", alpha, f"{m}: {feature} (* q < {alpha:g})")
+    fig.colorbar(im, ax=list(axes), label="rho")
+    return fig
+
+
+def stability_plot(correlations: pd.DataFrame, feature: str = "ratio", *, figsize=(6, 3.5)):
+    """rho with its bootstrap percentile CI per test, sorted by rho; colour = fraction significant."""
+    _need(correlations, ["marker", "feature", "outcome", "rho", "rho_ci_low", "rho_ci_high", "frac_significant"],
+          "stability_plot")
+    t = correlations[correlations["feature"] == feature].dropna(subset=["rho"]).sort_values("rho")
+    fig = _figure(figsize)
+    ax = fig.add_subplot()
+    x = np.arange(len(t))
+    ax.vlines(x, t["rho_ci_low"], t["rho_ci_high"], color="0.6", lw=1)
+    sc = ax.scatter(x, t["rho"], c=t["frac_significant"], cmap="viridis", vmin=0, vmax=1, s=14, zorder=3)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(x, [f"{m}/{o}" for m, o in zip(t["marker"], t["outcome"])], rotation=90, fontsize=6)
+    ax.set_ylabel("Spearman rho (bootstrap CI)")
+    fig.colorbar(sc, ax=ax, label="fraction of resamples with q < alpha")
+    return fig
+
+
+def sensitivity_plot(sensitivity: pd.DataFrame, feature: str = "ratio", outcome: str | None = None, *,
+                     figsize=(5, 3.5)):
+    """rho against the positivity percentile, one line per marker (for one outcome, or the mean over outcomes)."""
+    _need(sensitivity, ["percentile", "marker", "feature", "outcome", "rho"], "sensitivity_plot")
+    t = sensitivity[sensitivity["feature"] == feature]
+    if outcome is not None:
+        t = t[t["outcome"] == outcome]
+    g = t.groupby(["marker", "percentile"])["rho"].mean().unstack("marker")
+    fig = _figure(figsize)
+    ax = fig.add_subplot()
+    for m in g.columns:
+        ax.plot(g.index, g[m], marker="o", label=m)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("positivity threshold: percentile of the tile's marker pixels")
+    ax.set_ylabel(f"rho ({outcome or 'mean over outcomes'})")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def recovery_bars(recovery: pd.DataFrame | Mapping, *, figsize=(4.5, 3)):
+    """Per model: fraction of the truth's significant tests recovered, and fraction of false calls."""
+    r = pd.DataFrame(recovery)
+    _need(r, ["model", "recovered", "false_calls"], "recovery_bars")
+    fig = _figure(figsize)
+    ax = fig.add_subplot()
+    x = np.arange(len(r))
+    ax.bar(x - 0.2, r["recovered"], 0.4, label="recovered (truth significant, same sign)")
+    ax.bar(x + 0.2, r["false_calls"], 0.4, label="false calls (not significant on truth)")
+    ax.set_xticks(x, r["model"])
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    return fig

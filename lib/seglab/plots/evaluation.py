@@ -1,0 +1,367 @@
+"""Figures of the evaluation tables (a module of functions; each returns a matplotlib Figure).
+
+The functions build a :class:`matplotlib.figure.Figure` directly (no pyplot, no
+``plt.show()``), so they work headless, in notebooks (a returned Figure is
+displayed) and in batch runs (``run.save_figure(fig, ...)`` or ``fig.savefig``).
+They take the tables of :func:`seglab.evaluate.metrics.evaluate` (or an
+:class:`seglab.evaluate.metrics.Evaluation` itself).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from seglab import SeglabError
+
+METRIC_LABELS = {
+    "ap": "AP = TP / (TP + FP + FN)",
+    "f1": "F1",
+    "precision": "precision",
+    "recall": "recall",
+    "panoptic_quality": "panoptic quality",
+    "mean_matched_iou": "mean IoU of matched pairs",
+    "mean_true_score": "mean true score",
+    "foreground_iou": "foreground pixel IoU",
+    "foreground_dice": "foreground pixel Dice",
+}
+
+
+def _figure(figsize):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def _figure_and_axes(ax, figsize):
+    """(figure, axes): a new figure with one axes, or the figure of the axes given."""
+    if ax is None:
+        fig = _figure(figsize)
+        return fig, fig.add_subplot()
+    return ax.figure, ax
+
+
+def _scored_images(per_image: pd.DataFrame) -> pd.DataFrame:
+    """Rows of images with something to score (both-empty images have no ratio to plot)."""
+    if "both_empty" in per_image.columns:
+        return per_image[~per_image["both_empty"].astype(bool)]
+    return per_image
+
+
+def _check_columns(df: pd.DataFrame, columns: Sequence[str], what: str,
+                   source: str = "seglab.evaluate.metrics.evaluate") -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise SeglabError(f"{what}: missing column(s) {missing} (have {list(df.columns)}); "
+                          f"pass a table from {source}")
+
+
+def plot_metric_vs_threshold(result, metrics: Sequence[str] = ("ap", "f1"), *, summary: str = "pooled",
+                             label: str | None = None, ax=None, figsize=(4.5, 3.5)):
+    """Metrics against the IoU threshold, one line per metric.
+
+    Parameters
+    ----------
+    result : Evaluation or DataFrame
+        An :class:`~seglab.evaluate.metrics.Evaluation`, or a table with ``threshold`` and
+        the metric columns (``pooled``, ``mean_over_images``, or :func:`seglab.evaluate.metrics.match`'s output).
+    metrics : sequence of str
+        Columns to draw, e.g. ("ap", "f1", "panoptic_quality").
+    summary : "pooled" or "mean_over_images"
+        Which summary of an Evaluation to draw; with "mean_over_images" a band
+        shows +- one standard deviation across images.
+    label : str, optional
+        Prefix for the legend (e.g. the model name, to overlay models on one ``ax``).
+    ax : matplotlib Axes, optional
+        Draw into it (its Figure is returned) instead of a new Figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if hasattr(result, "pooled"):
+        if summary not in ("pooled", "mean_over_images"):
+            raise SeglabError(f"summary must be 'pooled' or 'mean_over_images', got {summary!r}")
+        table = getattr(result, summary)
+    else:
+        table = result
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    _check_columns(table, ["threshold", *metrics], "plot_metric_vs_threshold")
+    fig, ax = _figure_and_axes(ax, figsize)
+    table = table.sort_values("threshold")
+    x = table["threshold"].to_numpy(float)
+    for m in metrics:
+        y = table[m].to_numpy(float)
+        name = f"{label} {m}" if label else m
+        (line,) = ax.plot(x, y, marker="o", ms=3, label=name)
+        sd_col = f"{m}_sd"
+        if sd_col in table.columns:
+            sd = table[sd_col].to_numpy(float)
+            ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.15, lw=0)
+    ax.set_xlabel("IoU threshold")
+    ax.set_ylabel(METRIC_LABELS.get(metrics[0], metrics[0]) if len(metrics) == 1 else "score")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(min(x.min(), 0.5) - 0.02, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize="small")
+    if hasattr(result, "pooled"):
+        ax.set_title(summary.replace("_", " "), fontsize="medium")
+    return fig
+
+
+def plot_group_bars(per_image: pd.DataFrame, group: str, metric: str = "ap", threshold: float = 0.5, *,
+                    ax=None, figsize=(5, 3.5), seed: int = 0):
+    """Bars per group (mean over images) with the spread across images: SD error bars and each image as a dot.
+
+    Parameters
+    ----------
+    per_image : DataFrame or Evaluation
+        :attr:`Evaluation.per_image` (one row per image x threshold, with the group column).
+    group : str
+        The grouping column, e.g. "marker" or "donor".
+    metric : str
+        The per-image metric, e.g. "ap", "f1", "foreground_dice".
+    threshold : float
+        The IoU threshold whose rows are drawn (must be one of the evaluated thresholds).
+    seed : int
+        Seed of the horizontal jitter of the dots (deterministic figures).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Images where both masks are empty are left out (as in ``mean_over_images``).
+    """
+    if hasattr(per_image, "per_image"):
+        per_image = per_image.per_image
+    _check_columns(per_image, ["threshold", group, metric], "plot_group_bars")
+    at = np.isclose(per_image["threshold"].to_numpy(float), threshold)
+    if not at.any():
+        raise SeglabError(f"plot_group_bars: threshold {threshold} was not evaluated "
+                          f"(have {sorted(per_image['threshold'].unique())}); pick one of those")
+    sub = per_image[at]
+    sub = _scored_images(sub)
+    groups = sorted(sub[group].dropna().unique(), key=str)
+    rng = np.random.default_rng(seed)
+    fig, ax = _figure_and_axes(ax, figsize)
+    means, sds, counts = [], [], []
+    for g in groups:
+        vals = sub.loc[sub[group] == g, metric].to_numpy(float)
+        vals = vals[np.isfinite(vals)]
+        means.append(vals.mean() if len(vals) else np.nan)
+        sds.append(vals.std(ddof=1) if len(vals) > 1 else 0.0)
+        counts.append(len(vals))
+    pos = np.arange(len(groups))
+    ax.bar(pos, means, yerr=sds, capsize=3, color="#9ecae1", edgecolor="#3182bd", label="mean +- SD over images")
+    for i, g in enumerate(groups):
+        vals = sub.loc[sub[group] == g, metric].to_numpy(float)
+        ax.scatter(i + rng.uniform(-0.25, 0.25, len(vals)), vals, s=8, color="k", alpha=0.6, zorder=3, lw=0)
+    ax.set_xticks(pos, [f"{g}\n(n={n})" for g, n in zip(groups, counts)])
+    ax.set_xlabel(group)
+    ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} at IoU {threshold:g}")
+    ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+# --------------------------------------------------------------------------- study figures (E1, E3, E4)
+
+OUTCOME_COLOURS = {"tp": (0.2, 0.9, 0.2), "fp": (1.0, 0.2, 0.8), "fn": (1.0, 0.85, 0.0)}
+
+
+def plot_model_bars(per_image: pd.DataFrame, metrics: Sequence[str] = ("ap", "precision", "recall", "f1"),
+                    threshold: float = 0.5, *, model_order: Sequence[str] | None = None, ax=None,
+                    figsize=(8, 3.8), seed: int = 0):
+    """Grouped bars: one group per metric, one bar per model (mean over images), SD error bars and
+    each image as a dot (the spread over images).
+
+    ``per_image``: per-image rows of several models with a ``model`` column
+    (``seglab.experiments.study.per_image_long``). Images where both masks are empty are left out.
+    """
+    _check_columns(per_image, ["model", "threshold", *metrics], "plot_model_bars")
+    sub = per_image[np.isclose(per_image["threshold"].to_numpy(float), threshold)]
+    sub = _scored_images(sub)
+    models = list(model_order) if model_order else list(dict.fromkeys(sub["model"]))
+    rng = np.random.default_rng(seed)
+    fig, ax = _figure_and_axes(ax, figsize)
+    width = 0.8 / max(1, len(models))
+    colours = [f"C{i}" for i in range(len(models))]
+    for j, model in enumerate(models):
+        g = sub[sub["model"] == model]
+        for i, m in enumerate(metrics):
+            vals = g[m].to_numpy(float)
+            vals = vals[np.isfinite(vals)]
+            x = i - 0.4 + width * (j + 0.5)
+            ax.bar(x, vals.mean() if len(vals) else np.nan, width * 0.9,
+                   yerr=vals.std(ddof=1) if len(vals) > 1 else 0, capsize=2, color=colours[j], alpha=0.75,
+                   label=f"{model} (n={len(vals)})" if i == 0 else None)
+            ax.scatter(x + rng.uniform(-width * 0.3, width * 0.3, len(vals)), vals, s=5, color="k", alpha=0.5,
+                       lw=0, zorder=3)
+    ax.set_xticks(range(len(metrics)), [m for m in metrics])
+    ax.set_ylabel(f"per image at IoU {threshold:g} (mean +- SD)")
+    ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(frameon=False, fontsize="small", ncols=min(4, len(models)), loc="upper center",
+              bbox_to_anchor=(0.5, -0.08))
+    return fig
+
+
+def plot_group_model_bars(table: pd.DataFrame, group: str = "marker", metric: str = "ap", *,
+                          threshold: float = 0.5, model_order: Sequence[str] | None = None, ax=None,
+                          figsize=(8, 3.5)):
+    """Bars per group value (e.g. marker) and model of a per-group table (``seglab.experiments.study.per_group_table``),
+    with the SD over images as error bars when the table has ``<metric>_sd``."""
+    _check_columns(table, ["model", group, metric], "plot_group_model_bars")
+    sub = table
+    if "threshold" in table.columns:
+        sub = table[np.isclose(table["threshold"].to_numpy(float), threshold)]
+    models = list(model_order) if model_order else list(dict.fromkeys(sub["model"]))
+    groups = sorted(sub[group].unique(), key=str)
+    fig, ax = _figure_and_axes(ax, figsize)
+    width = 0.8 / max(1, len(models))
+    for j, model in enumerate(models):
+        g = sub[sub["model"] == model].set_index(group)
+        vals = [float(g.at[k, metric]) if k in g.index else np.nan for k in groups]
+        sd = None
+        if f"{metric}_sd" in g.columns:
+            sd = [float(g.at[k, f"{metric}_sd"]) if k in g.index else 0.0 for k in groups]
+            sd = np.nan_to_num(sd)
+        ax.bar(np.arange(len(groups)) - 0.4 + width * (j + 0.5), vals, width * 0.9, yerr=sd, capsize=2,
+               color=f"C{j}", alpha=0.8, label=model)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_xlabel(group)
+    ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} at IoU {threshold:g}")
+    ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(frameon=False, fontsize="small", ncols=min(4, len(models)))
+    return fig
+
+
+def plot_heatmap(table: pd.DataFrame, row: str, col: str, value: str, *, ax=None, figsize=(4.5, 3.2),
+                 fmt: str = "{:.3f}", best: dict | None = None, cmap: str = "viridis", title: str | None = None,
+                 center: float | None = None):
+    """A heatmap of ``value`` over two parameters (e.g. flow_threshold x cellprob_threshold), each cell
+    annotated; ``best`` ({row: v, col: v}) outlines one cell (the selected setting); ``center`` makes
+    the colour scale symmetric around a value (e.g. 1 for predicted / true counts, with a diverging cmap)."""
+    _check_columns(table, [row, col, value], "plot_heatmap")
+    grid = table.pivot_table(index=row, columns=col, values=value, aggfunc="mean").sort_index().sort_index(axis=1)
+    fig, ax = _figure_and_axes(ax, figsize)
+    arr = grid.to_numpy(float)
+    finite = arr[np.isfinite(arr)]
+    lim = {}
+    if center is not None and len(finite):
+        half = max(float(np.abs(finite - center).max()), 1e-9)
+        lim = {"vmin": center - half, "vmax": center + half}
+    im = ax.imshow(arr, cmap=cmap, aspect="auto", origin="lower", **lim)
+    mid = (finite.min() + finite.max()) / 2 if len(finite) else 0
+    for (i, j), v in np.ndenumerate(arr):
+        if np.isfinite(v):
+            dark = abs(v - center) < 0.5 * half if center is not None and len(finite) else v > mid
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="k" if dark else "w")
+    ax.set_xticks(range(grid.shape[1]), [f"{c:g}" if isinstance(c, (int, float)) else c for c in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [f"{r:g}" if isinstance(r, (int, float)) else r for r in grid.index])
+    ax.set_xlabel(col)
+    ax.set_ylabel(row)
+    if best is not None:
+        from matplotlib.patches import Rectangle
+
+        i = int(np.argmin(np.abs(grid.index.to_numpy(float) - float(best[row]))))
+        j = int(np.argmin(np.abs(grid.columns.to_numpy(float) - float(best[col]))))
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
+    fig.colorbar(im, ax=ax, label=value, fraction=0.06)
+    if title:
+        ax.set_title(title, fontsize="medium")
+    return fig
+
+
+def composite_rgb(image: np.ndarray) -> np.ndarray:
+    """(2, Y, X) [DAPI, marker] -> (Y, X, 3) RGB in [0, 1]: marker red, DAPI blue (99.5th percentile scaling)."""
+    image = np.asarray(image, float)
+    chans = [np.clip(c / max(np.percentile(c, 99.5), 1e-6), 0, 1) for c in image[:2]]
+    d = chans[0]
+    m = chans[1] if len(chans) > 1 else np.zeros_like(d)
+    return np.stack([m, 0.15 * m + 0.1 * d, d], axis=-1)
+
+
+def plot_outlines(image: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5, *,
+                  ax=None, title: str | None = None, figsize=(3.5, 3.5)):
+    """One tile with outlines coloured by outcome at the IoU ``threshold``: matched predictions (TP)
+    green, unmatched predictions (FP) magenta, missed true objects (FN) yellow (dashed-looking thin)."""
+    from skimage.segmentation import find_boundaries
+
+    from seglab.evaluate.metrics import matched_pairs
+
+    pairs = matched_pairs(y_true, y_pred, threshold)
+    tp_pred = pairs["pred_id"].to_numpy()
+    tp_true = pairs["true_id"].to_numpy()
+    fp = np.isin(y_pred, tp_pred, invert=True) & (y_pred != 0)
+    fn = np.isin(y_true, tp_true, invert=True) & (y_true != 0)
+    tp = np.isin(y_pred, tp_pred) & (y_pred != 0)
+    rgb = composite_rgb(image)
+    for mask, labels, key in ((tp, y_pred, "tp"), (fp, y_pred, "fp"), (fn, y_true, "fn")):
+        edge = find_boundaries(np.where(mask, labels, 0), mode="inner")
+        rgb[edge] = OUTCOME_COLOURS[key]
+    fig, ax = _figure_and_axes(ax, figsize)
+    ax.imshow(rgb)
+    ax.set_axis_off()
+    n_fp = len(np.setdiff1d(np.unique(y_pred), np.r_[0, tp_pred]))
+    n_fn = len(np.setdiff1d(np.unique(y_true), np.r_[0, tp_true]))
+    label = f"TP {len(tp_pred)}  FP {n_fp}  FN {n_fn}"
+    ax.set_title(f"{title}\n{label}" if title else label, fontsize=8)
+    return fig
+
+
+def plot_example_tiles(images: Sequence[np.ndarray], truths: Sequence[np.ndarray], preds: dict,
+                       names: Sequence[str], threshold: float = 0.5, *, cell_in: float = 2.6):
+    """Rows = tiles, columns = models (``preds``: {model: list of masks aligned with ``images``}),
+    each panel with TP / FP / FN outlines (see :func:`plot_outlines`) and a legend."""
+    from matplotlib.lines import Line2D
+
+    n, k = len(images), len(preds)
+    fig = _figure((cell_in * k, cell_in * n + 0.5))
+    axes = fig.subplots(n, k, squeeze=False)
+    for i in range(n):
+        for j, (model, masks) in enumerate(preds.items()):
+            plot_outlines(images[i], truths[i], masks[i], threshold, ax=axes[i, j],
+                          title=f"{model}\n{names[i]}" if i == 0 else names[i])
+    handles = [Line2D([], [], color=c, lw=2, label=l) for l, c in
+               (("TP (prediction)", OUTCOME_COLOURS["tp"]), ("FP", OUTCOME_COLOURS["fp"]), ("FN (missed truth)", OUTCOME_COLOURS["fn"]))]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False, fontsize="small")
+    return fig
+
+
+def plot_sensitivity(table: pd.DataFrame, metrics: Sequence[str] = ("ap", "count_ratio"), *,
+                     hue: str | None = None, panel_in: float = 2.8, marks: dict | None = None):
+    """One panel per parameter (column ``parameter``), ``value`` on x, one line per metric (and per
+    ``hue`` value, e.g. model). ``marks``: {parameter: value} draws a dotted line at the default."""
+    _check_columns(table, ["parameter", "value", *metrics], "plot_sensitivity")
+    params = list(dict.fromkeys(table["parameter"]))
+    fig = _figure((panel_in * len(params), panel_in * 0.95 * len(metrics)))
+    axes = fig.subplots(len(metrics), len(params), squeeze=False)
+    hues = list(dict.fromkeys(table[hue])) if hue else [None]
+    for j, p in enumerate(params):
+        sub = table[table["parameter"] == p]
+        for i, m in enumerate(metrics):
+            ax = axes[i, j]
+            for h_i, h in enumerate(hues):
+                g = sub if h is None else sub[sub[hue] == h]
+                vals = g["value"].tolist()
+                numeric = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                              and v is not None for v in vals)
+                x = np.asarray(vals, float) if numeric else np.arange(len(vals))
+                ax.plot(x, g[m].to_numpy(float), marker="o", ms=3, color=f"C{h_i}", label=h)
+                if not numeric:
+                    ax.set_xticks(x, [str(v) for v in vals])
+            if marks and p in marks and marks[p] is not None and not isinstance(marks[p], bool):
+                ax.axvline(float(marks[p]), color="grey", ls=":", lw=1)
+            if m == "count_ratio":
+                ax.axhline(1.0, color="grey", lw=0.8)
+            ax.grid(alpha=0.3)
+            if i == len(metrics) - 1:
+                ax.set_xlabel(p)
+            if j == 0:
+                ax.set_ylabel(m)
+    if hue:
+        axes[0, 0].legend(frameon=False, fontsize="x-small")
+    return fig

@@ -1,0 +1,1 @@
+"""The notebook chain, the run store, the runner, prepare items and the HTML reports."""

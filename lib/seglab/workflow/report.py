@@ -1,0 +1,182 @@
+"""Offline HTML reports of runs and the status page ``reports/index.html``.
+
+Reports are rendered with nbconvert from the executed notebook using the
+``offline`` template (``templates/offline``): no script, stylesheet or import
+is loaded from the network, and figures are embedded as base64 PNGs, so a
+report opens on a cluster node or from an e-mail attachment.
+
+The status page has one row per experiment and profile: the latest run, its
+status, date, commit, headline numbers from its ``summary.json`` and a link to
+its report. Every output listed in the manifest is checked against its
+sha256: a file that is gone is flagged MISSING, one whose content differs
+CHANGED (the seed project lost two experiments' outputs without noticing).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+from pathlib import Path
+
+from seglab.core import io
+from seglab.core import paths
+from seglab.workflow.chain import load_experiments
+from seglab.workflow.runs import check_outputs, list_runs, read_manifest, utc_now
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
+TEMPLATE_NAME = "offline"
+MAX_HEADLINES = 10
+
+
+def render_notebook(notebook: Path, target: Path) -> Path:
+    """Render an executed notebook to one self-contained HTML file (atomic write)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name=TEMPLATE_NAME, extra_template_basedirs=[str(TEMPLATE_DIR)])
+    exporter.exclude_input_prompt = False
+    body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    return io.write_text(target, body)
+
+
+def report_path(manifest: dict) -> Path:
+    return paths.reports_dir() / manifest["experiment"] / manifest["profile"] / f"{manifest['run_id']}.html"
+
+
+def render_run(run_dir: Path, manifest: dict) -> Path:
+    """Render the run's notebook to ``reports/<experiment>/<profile>/<run-id>.html``."""
+    notebook = Path(run_dir) / f"{manifest['experiment']}.ipynb"
+    return render_notebook(notebook, report_path(manifest))
+
+
+def publish_figures(run_dir: Path, manifest: dict) -> list[Path]:
+    """Copy a successful run's figures to ``figures/<experiment>/<profile>/`` with ``PROVENANCE.json``.
+
+    Each published figure names the run that drew it (showyourwork's habit):
+    run folder, commit, dirty flag and the figure's sha256.
+    """
+    source = Path(run_dir) / "figures"
+    if not source.is_dir():
+        return []
+    target_dir = paths.figures_dir() / manifest["experiment"] / manifest["profile"]
+    published, provenance = [], {}
+    for fig in sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = fig.relative_to(source).as_posix()
+        target = target_dir / rel
+        with io.atomic_path(target) as tmp:
+            shutil.copyfile(fig, tmp)
+        published.append(target)
+        provenance[rel] = {"run_dir": manifest["run_dir"], "run_id": manifest["run_id"],
+                           "commit": (manifest.get("git") or {}).get("commit"),
+                           "dirty": (manifest.get("git") or {}).get("dirty"),
+                           "sha256": io.sha256_file(fig)}
+    io.write_json(target_dir / "PROVENANCE.json", provenance)
+    return published
+
+
+def _fmt_number(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
+HEADLINE_ORDER = ("test_ap50", "test_", "val_", "recovery", "sig_")
+
+
+def headline_items(summary: dict, limit: int = MAX_HEADLINES) -> list[tuple]:
+    """The numbers the status page shows: test AP@0.5 first, then other test and validation
+    numbers (``<split>_<metric>_<model>``), then the rest; at most ``limit``."""
+    def rank(key: str) -> int:
+        return next((i for i, p in enumerate(HEADLINE_ORDER) if key.startswith(p)), len(HEADLINE_ORDER))
+    keys = sorted(summary, key=lambda k: (rank(k), list(summary).index(k)))
+    return [(k, summary[k]) for k in keys[:limit]]
+
+
+def _status_rows() -> list[dict]:
+    root = paths.project_root()
+    experiments = load_experiments(root)
+    runs_root = paths.runs_dir()
+    profiles = sorted({p.name for e in experiments for p in (runs_root / e.name).glob("*")
+                       if p.is_dir() and p.name != "interactive"}) if runs_root.is_dir() else []
+    rows = []
+    for e in experiments:
+        for profile in profiles or ["demo"]:
+            run_dirs = list_runs(e.name, profile)
+            row = {"experiment": e.name, "title": e.title, "profile": profile, "n_runs": len(run_dirs)}
+            manifest = None
+            for run_dir in reversed(run_dirs):
+                manifest = read_manifest(run_dir)
+                if manifest:
+                    break
+            if manifest is None:
+                rows.append({**row, "status": "not run"})
+                continue
+            problems = check_outputs(run_dir, manifest)
+            report = manifest.get("report")
+            if manifest.get("status") != "done":  # point at the last good evidence too
+                good = next((m for m in map(read_manifest, reversed(run_dirs)) if m and m.get("status") == "done"), None)
+                if good and good.get("report"):
+                    row["last_done_report"] = os.path.relpath(root / good["report"], paths.reports_dir())
+                    row["last_done_run"] = good.get("run_id")
+            rows.append({**row, "status": manifest.get("status"), "started": manifest.get("started"),
+                         "duration_s": manifest.get("duration_s"), "git": manifest.get("git") or {},
+                         "summary": manifest.get("summary") or {}, "error": manifest.get("error"),
+                         "run_dir": manifest.get("run_dir"),
+                         "report": os.path.relpath(root / report, paths.reports_dir()) if report else None,
+                         **problems})
+    return rows
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;width:100%}
+th,td{border:1px solid #ccc;padding:.35em .6em;text-align:left;vertical-align:top;font-size:14px}
+th{background:#f3f3f3}
+.done{color:#17672a;font-weight:600}.failed,.interrupted{color:#b00020;font-weight:600}
+.running{color:#8a5a00;font-weight:600}.flag{color:#b00020;font-weight:700}
+code{font-size:12px}ul{margin:0;padding-left:1.1em}
+"""
+
+
+def build_index() -> Path:
+    """Write ``reports/index.html``: the latest run of each experiment and profile, checked."""
+    e = html.escape
+    rows_html = []
+    for r in _status_rows():
+        status = r.get("status") or "not run"
+        cells = [f"<td><b>{e(r['experiment'])}</b><br>{e(r['title'])}</td>", f"<td>{e(r['profile'])}</td>",
+                 f"<td class='{e(status)}'>{e(status)}</td>"]
+        if status == "not run":
+            cells += ["<td></td>"] * 5
+        else:
+            git = r["git"]
+            commit = (git.get("commit") or "no git")[:10] + (" (dirty)" if git.get("dirty") else "")
+            heads = headline_items(r.get("summary") or {})
+            head_html = "<ul>" + "".join(f"<li><code>{e(str(k))}</code> {e(_fmt_number(v))}</li>" for k, v in heads) + "</ul>" if heads else ""
+            if r.get("error"):
+                err = r["error"]
+                head_html += f"<div class='failed'>{e(str(err.get('ename')))}: {e(str(err.get('evalue')))}</div>"
+            flags = [f"<div class='flag'>MISSING {e(p)}</div>" for p in r.get("missing", [])]
+            flags += [f"<div class='flag'>CHANGED {e(p)}</div>" for p in r.get("changed", [])]
+            link = f"<a href='{e(r['report'])}'>report</a>" if r.get("report") else ""
+            if r.get("last_done_report"):
+                link += (f"<br>last successful: <a href='{e(r['last_done_report'])}'>"
+                         f"{e(r['last_done_run'])}</a>")
+            cells += [f"<td>{e(str(r.get('started') or ''))}<br>{e(_fmt_number(r.get('duration_s') or 0))} s; "
+                      f"{r['n_runs']} run(s)</td>",
+                      f"<td><code>{e(commit)}</code></td>", f"<td>{head_html}</td>",
+                      f"<td>{link}<br><code>{e(str(r.get('run_dir')))}</code></td>",
+                      f"<td>{''.join(flags) or 'outputs intact'}</td>"]
+        rows_html.append("<tr>" + "".join(cells) + "</tr>")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>seglab status</title><style>{STYLE}</style></head>
+<body><h1>seglab: experiments and their latest runs</h1>
+<p>Built {e(utc_now())}. One row per experiment and profile; outputs are checked against the sha256 in each run's manifest.</p>
+<table><thead><tr><th>experiment</th><th>profile</th><th>status</th><th>latest run</th><th>commit</th>
+<th>headline numbers</th><th>report / run folder</th><th>outputs</th></tr></thead>
+<tbody>{''.join(rows_html)}</tbody></table></body></html>
+"""
+    return io.write_text(paths.reports_dir() / "index.html", page)
