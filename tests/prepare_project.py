@@ -97,6 +97,7 @@ def make_prepare_project(root: Path, cohort_dir: Path, needs_01: bool = False) -
                                            "02_label_efficiency": ("E2 probe", [e1] if needs_01 else []),
                                            "05_downstream": ("E5 probe", [e1]),
                                            "06_leave_one_marker_out": ("E6 probe", [e1])})
+    shutil.copy(REPO / "params" / "schema" / "_shared.yaml", root / "params" / "schema" / "_shared.yaml")  # the block the schemas include
     for name in NOTEBOOKS:
         shutil.copy(REPO / "params" / "schema" / f"{name}.yaml", root / "params" / "schema" / f"{name}.yaml")
         # the demo profile's values, with the tiny ones on top

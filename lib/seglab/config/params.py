@@ -17,6 +17,18 @@ allowed values. A key without ``default`` must be given by the profile. With
 ``input: true`` the file or folder the value names is hashed into the run
 manifest, so ``run-all`` reruns the notebook when it changes.
 
+Keys that several schemas share are declared once, in a block file
+``params/schema/_<name>.yaml`` (same format; its name starts with ``_`` so it
+is not a notebook), and taken in with a top-level ``include`` list::
+
+    include: [_shared]          # the keys of params/schema/_shared.yaml
+    markers: {type: list, items: str}
+
+The included keys take the place of the ``include`` line, in their file's
+order. A key declared twice (by a schema and a block it includes, or by two
+blocks) is an error naming both files; an unknown block name is an error
+naming the schema and the blocks there are. Blocks do not include others.
+
 A profile folder may hold ``defaults.yaml``: values shared by several
 notebooks; each notebook takes the keys its schema declares. A key in
 ``defaults.yaml`` that no schema declares is an error too (a typo there would
@@ -128,33 +140,94 @@ class Schema:
     name: str
     source: Path
     specs: dict[str, Spec] = field(default_factory=dict)
+    includes: tuple[Path, ...] = ()
 
     def input_keys(self) -> list[str]:
         return [k for k, s in self.specs.items() if s.input]
 
 
+INCLUDE_KEY = "include"
+
+
+def schema_dir(root: Path | None = None) -> Path:
+    return (root or paths.project_root()) / "params" / "schema"
+
+
+def include_names(root: Path | None = None) -> list[str]:
+    """Names a schema may list under ``include``: the ``_<name>.yaml`` block files of params/schema/."""
+    return sorted(p.stem for p in schema_dir(root).glob("_*.yaml"))
+
+
+def _spec(key, spec, source: Path) -> Spec:
+    if not isinstance(spec, dict):
+        raise ParamsError(f"{source}: key '{key}' needs a mapping like {{type: int}}")
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise ParamsError(f"{source}: key '{key}' has unknown spec field(s) {sorted(unknown)}; "
+                          f"allowed: {sorted(SPEC_KEYS)}")
+    if spec.get("type") not in TYPES:
+        raise ParamsError(f"{source}: key '{key}' has type {spec.get('type')!r}; "
+                          f"allowed: {sorted(TYPES)}")
+    if "choices" in spec:
+        spec = {**spec, "choices": tuple(spec["choices"])}
+    out = Spec(key=key, **spec)
+    if not out.required:
+        _check_value(out, out.default, source)
+    return out
+
+
+def _included(value, source: Path, root: Path) -> list[tuple[Path, dict]]:
+    """The block files an ``include`` value names, each with its raw mapping."""
+    allowed = include_names(root)
+    listing = ", ".join(allowed) or f"none (no _<name>.yaml in {schema_dir(root)})"
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise ParamsError(f"{source}: '{INCLUDE_KEY}' must be a list of block names, e.g. "
+                          f"include: [_shared]; got {value!r}; blocks: {listing}")
+    out = []
+    for name in value:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            raise ParamsError(f"{source}: include '{name}' is not a block"
+                              + (f" (did you mean '{close[0]}'?)" if close else "")
+                              + f"; blocks (params/schema/_<name>.yaml): {listing}")
+        if value.count(name) > 1:
+            raise ParamsError(f"{source}: include '{name}' is listed twice; keep one")
+        path = schema_dir(root) / f"{name}.yaml"
+        raw = read_yaml(path)
+        if INCLUDE_KEY in raw:
+            raise ParamsError(f"{path}: a block cannot include others ('{INCLUDE_KEY}' is allowed in "
+                              f"notebook schemas only); list every block in {source} instead")
+        out.append((path, raw))
+    return out
+
+
 def load_schema(name: str, root: Path | None = None) -> Schema:
-    """The schema of notebook ``name`` from ``params/schema/<name>.yaml``."""
+    """The schema of notebook ``name`` from ``params/schema/<name>.yaml``, its includes resolved."""
     root = root or paths.project_root()
-    source = root / "params" / "schema" / f"{name}.yaml"
+    source = schema_dir(root) / f"{name}.yaml"
+    if name.startswith("_"):
+        raise ParamsError(f"{source}: '{name}' is a block for '{INCLUDE_KEY}', not a notebook's schema")
     raw = read_yaml(source)
-    specs = {}
+    specs: dict[str, Spec] = {}
+    declared_in: dict[str, Path] = {}
+    includes: list[Path] = []
+
+    def add(key, spec, file: Path) -> None:
+        if key in declared_in:
+            raise ParamsError(f"{source}: key '{key}' is declared twice, in {declared_in[key]} and in {file}; "
+                              f"a schema must not repeat a key of a block it includes: keep one")
+        specs[key] = _spec(key, spec, file)
+        declared_in[key] = file
+
     for key, spec in raw.items():
-        if not isinstance(spec, dict):
-            raise ParamsError(f"{source}: key '{key}' needs a mapping like {{type: int}}")
-        unknown = set(spec) - SPEC_KEYS
-        if unknown:
-            raise ParamsError(f"{source}: key '{key}' has unknown spec field(s) {sorted(unknown)}; "
-                              f"allowed: {sorted(SPEC_KEYS)}")
-        if spec.get("type") not in TYPES:
-            raise ParamsError(f"{source}: key '{key}' has type {spec.get('type')!r}; "
-                              f"allowed: {sorted(TYPES)}")
-        if "choices" in spec:
-            spec = {**spec, "choices": tuple(spec["choices"])}
-        specs[key] = Spec(key=key, **spec)
-        if not specs[key].required:
-            _check_value(specs[key], specs[key].default, source)
-    return Schema(name=name, source=source, specs=specs)
+        if key == INCLUDE_KEY:
+            for path, block in _included(spec, source, root):
+                includes.append(path)
+                for k, s in block.items():
+                    add(k, s, path)
+        else:
+            add(key, spec, source)
+    return Schema(name=name, source=source, specs=specs, includes=tuple(includes))
 
 
 def _fail(source, key, message, spec: Spec | None = None) -> None:
@@ -241,7 +314,8 @@ def validate(raw: dict, schema: Schema, source: str | Path) -> dict:
 
 def all_schemas(root: Path | None = None) -> dict[str, Schema]:
     root = root or paths.project_root()
-    return {p.stem: load_schema(p.stem, root) for p in sorted((root / "params" / "schema").glob("*.yaml"))}
+    return {p.stem: load_schema(p.stem, root) for p in sorted(schema_dir(root).glob("*.yaml"))
+            if not p.stem.startswith("_")}
 
 
 def load_params(name: str, profile: str, overrides: dict | None = None,
