@@ -213,3 +213,45 @@ def test_sigterm_inside_an_asyncio_callback_stops_the_event_loop():
             loop.run_until_complete(fut)
     finally:
         loop.close()
+
+
+def test_read_manifest_is_none_for_a_manifest_missing_cut_short_or_not_a_record(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert runs.read_manifest(run_dir) is None                                   # made, not written yet
+    for content in (b"", b'{"experiment": "10_probe", "sta', b'{"title": "caf\xc3', b"[1, 2]", b"null"):
+        (run_dir / "manifest.json").write_bytes(content)
+        assert runs.read_manifest(run_dir) is None, content
+    assert runs.read_manifest(tmp_path / "no-such-run") is None
+    (run_dir / "manifest.json").write_text('{"status": "done"}')
+    assert runs.read_manifest(run_dir) == {"status": "done"}
+
+
+def test_a_run_folder_without_a_complete_manifest_is_starting_on_the_status_page_and_run_all_skips_it(probe_root):
+    """A run folder exists (exclusive mkdir) a moment before its manifest.json: the status page, run-all,
+    latest_run and is_up_to_date must read it as a run starting, never crash on it."""
+    done = runs.run_all("test", only=["10"], log=lambda *_: None)[0].run_dir
+    base = done.parent
+    index = probe_root / "reports" / "index.html"
+    for kind, content in (("truncated", '{"experiment": "10_probe", "profile": "test", "status": "runn'),
+                          ("missing", None)):
+        starting = base / (runs.new_run_id() if kind == "truncated" else "29991231T235959Z-ffff")
+        starting.mkdir()
+        if content is not None:
+            (starting / "manifest.json").write_text(content)
+        assert runs.latest_run("10_probe", "test") == done
+        assert runs.latest_run("10_probe", "test", status=None) == done
+        experiment = runs.find_experiment("10_probe", probe_root)
+        assert runs.is_up_to_date(experiment, "test") == done
+        messages = []
+        (result,) = runs.run_all("test", only=["10"], log=messages.append)
+        assert result.skipped and result.run_dir == done, kind
+        proc = cli(probe_root, "report")
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        page = index.read_text()
+        row = next(r for r in page.split("<tr>") if "10_probe" in r)
+        assert "class='starting'>starting<" in row, (kind, row)
+        assert starting.name in row and "no manifest yet" in row
+        assert f"last successful: <a href='10_probe/test/{done.name}.html'>" in row
+        rows = {r["experiment"]: r for r in report._status_rows()}
+        assert rows["10_probe"]["status"] == "starting" and rows["10_probe"]["n_runs"] == 2 + (kind == "missing")

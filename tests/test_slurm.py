@@ -109,29 +109,59 @@ def cli(root: Path, *args, path: str | None = None, timeout=120):
 
 
 def wait_for(job_ids: list[str], timeout: float = 90) -> None:
-    """Until none of the jobs (arrays included) is pending or running."""
+    """Until none of the jobs (arrays included) is pending or running.
+
+    A failing squeue (slurmctld busy under load: "Socket timed out") says nothing: poll again,
+    never take its empty output for "all done".
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%T"],
-                             capture_output=True, text=True).stdout.split()
-        if not any(s in slurm.ACTIVE_STATES for s in out):
+        proc = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%T"],
+                              capture_output=True, text=True)
+        if proc.returncode == 0 and not any(s in slurm.ACTIVE_STATES for s in proc.stdout.split()):
             return
         time.sleep(0.5)
     raise AssertionError(f"jobs {job_ids} still queued after {timeout} s")
 
 
+# These helpers read files that other processes (the jobs) write while the test polls: through the
+# library's tolerant readers, which give None for a file not written yet (a run folder is made with
+# an exclusive mkdir and its manifest.json written a moment later; a submission folder is made before
+# its first sbatch). A poll then sees "not yet" instead of crashing on the half-made folder.
+
 def submissions(root: Path) -> list[Path]:
     base = root / "runs" / "_slurm"
-    return sorted(base.iterdir()) if base.is_dir() else []
+    return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
 
 def last_record(root: Path) -> dict:
-    return json.loads((submissions(root)[-1] / "submission.json").read_text())
+    record = slurm.read_submission(submissions(root)[-1])
+    assert record is not None, f"{submissions(root)[-1]} has no complete submission.json"
+    return record
 
 
 def manifests(root: Path, experiment: str, profile: str) -> list[dict]:
+    """The readable manifests of the run folders of ``experiment`` in ``profile``, oldest first;
+    a folder whose manifest.json is missing or half-written (a run starting) is left out."""
+    from seglab.workflow.runs import read_manifest
     base = root / "runs" / experiment / profile
-    return [json.loads((d / "manifest.json").read_text()) for d in sorted(base.iterdir())] if base.is_dir() else []
+    found = [read_manifest(d) for d in sorted(base.iterdir()) if d.is_dir()] if base.is_dir() else []
+    return [m for m in found if m is not None]
+
+
+def started_run(root: Path, experiment: str, profile: str, marker: str, timeout: float = 60) -> dict:
+    """The manifest of the first run of ``experiment`` once its notebook wrote ``marker`` (a file the
+    notebook writes atomically, so its presence means the kernel is inside the notebook)."""
+    from seglab.workflow.runs import read_manifest
+    deadline = time.monotonic() + timeout
+    base = root / "runs" / experiment / profile
+    while time.monotonic() < deadline:
+        for d in sorted(base.iterdir()) if base.is_dir() else []:
+            m = read_manifest(d)
+            if m is not None and (d / marker).is_file():
+                return m
+        time.sleep(0.2)
+    raise AssertionError(f"no run of {experiment} ({profile}) wrote {marker} within {timeout} s")
 
 
 # --------------------------------------------------------------------------- without a cluster
@@ -186,6 +216,71 @@ def test_missing_sbatch_is_a_clear_error_and_records_nothing(project):
     proc = cli(project, "submit", "10", "--profile", "test", path=str(VENV_BIN))
     assert proc.returncode == 1 and "'sbatch' is not on PATH" in proc.stderr, proc.stderr
     assert not submissions(project)
+
+
+def _half_made_runs(root: Path, experiment: str, profile: str) -> dict[str, Path]:
+    """Run folders as a poll can find them while runs start: one with no manifest.json yet, one whose
+    manifest.json is cut short (truncated JSON), beside one complete run."""
+    base = root / "runs" / experiment / profile
+    made = {}
+    for name, text in (("complete", None), ("truncated", '{"experiment": "%s", "status": "runn' % experiment),
+                       ("missing", None)):
+        d = base / f"20260101T00000{len(made)}Z-{name[:4]}"
+        d.mkdir(parents=True)
+        made[name] = d
+        if name == "complete":
+            (d / "manifest.json").write_text(json.dumps({"experiment": experiment, "profile": profile,
+                                                          "status": "done", "run_id": d.name}))
+        elif text is not None:
+            (d / "manifest.json").write_text(text)
+    return made
+
+
+def test_poll_helpers_skip_run_folders_and_submissions_not_written_yet(tmp_path):
+    """The race of issue #19: a helper polling run folders read manifest.json before the runner wrote it."""
+    made = _half_made_runs(tmp_path, "10_probe", "gpu")
+    assert [m["run_id"] for m in manifests(tmp_path, "10_probe", "gpu")] == [made["complete"].name]
+    base = tmp_path / "runs" / "_slurm"
+    (base / "20260101T000000.000Z-aaaa").mkdir(parents=True)
+    (base / "20260101T000000.000Z-aaaa" / "submission.json").write_text(json.dumps({"id": "a", "jobs": []}))
+    (base / "20260101T000001.000Z-bbbb" / "logs").mkdir(parents=True)       # made, first sbatch not answered yet
+    assert slurm.read_submission(base / "20260101T000001.000Z-bbbb") is None
+    (base / "20260101T000001.000Z-bbbb" / "submission.json").write_text('{"id": "b", "jo')
+    assert slurm.read_submission(base / "20260101T000001.000Z-bbbb") is None
+    assert slurm.read_submission(base / "20260101T000000.000Z-aaaa") == {"id": "a", "jobs": []}
+
+
+FAKE_SQUEUE = """#!/bin/sh
+# squeue of a fake cluster: job 9001 (10_probe) running, 9002 (11_after) waiting on it
+printf '%s\n' '9001|9001|N/A|RUNNING|None|node1|' '9002|9002|N/A|PENDING|Dependency||afterok:9001(unfulfilled)'
+"""
+
+
+def test_status_shows_a_running_job_whose_run_folder_has_no_manifest_yet_as_starting(tmp_path):
+    """`seglab status` while a job's run folder is made but its manifest is missing or cut short."""
+    from probe_project import make_probe_project
+    root = make_probe_project(tmp_path / "project")
+    made = _half_made_runs(root, "10_probe", "test")
+    sub = root / "runs" / "_slurm" / "20260101T000000.000Z-aaaa"
+    (sub / "logs").mkdir(parents=True)
+    jobs = [{"name": name, "kind": "notebook", "experiment": name, "profile": "test", "job_id": jid,
+             "dependency": dep, "log": f"runs/_slurm/{sub.name}/logs/{name}-{jid}.out", "array": None, "meta": None}
+            for name, jid, dep in (("10_probe", "9001", []), ("11_after", "9002", ["9001"]))]
+    (sub / "submission.json").write_text(json.dumps({"id": sub.name, "command": "seglab submit-all",
+                                                      "status": "submitted", "jobs": jobs}))
+    (root / "runs" / "_slurm" / "20260101T000001.000Z-bbbb" / "logs").mkdir(parents=True)   # being submitted
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(FAKE_SQUEUE)
+    (bin_dir / "squeue").chmod(0o755)
+    proc = cli(root, "status", path=f"{bin_dir}:{VENV_BIN}")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  1")}
+    assert "RUNNING" in lines["10_probe"] and "run starting (no manifest yet)" in lines["10_probe"], proc.stdout
+    assert "PENDING" in lines["11_after"] and "no run yet" in lines["11_after"], proc.stdout
+    assert made["complete"].name not in proc.stdout     # a run of no job of this submission
+    page = cli(root, "report", path=f"{bin_dir}:{VENV_BIN}")
+    assert page.returncode == 0 and "Traceback" not in page.stderr, page.stderr
 
 
 # --------------------------------------------------------------------------- on the local cluster
@@ -266,10 +361,8 @@ def test_failed_job_cancels_its_dependant_and_status_names_it_and_its_log(slurm_
     proc = cli(project, "submit-all", "--profile", "failing")
     assert proc.returncode == 0, proc.stderr
     first, second = last_record(project)["jobs"]
-    deadline = time.monotonic() + 60
-    while not manifests(project, "10_probe", "gpu") and time.monotonic() < deadline:
-        time.sleep(0.3)
-    time.sleep(1.0)   # into the notebook's sleep
+    started_run(project, "10_probe", "gpu", "squares.csv")   # the cell before the sleep has run
+    time.sleep(0.5)   # into the notebook's sleep
     subprocess.run(["scancel", "--batch", "--signal=TERM", sleeper_job["job_id"]], check=True)
     wait_for([first["job_id"], second["job_id"], sleeper_job["job_id"]])
     (interrupted,) = manifests(project, "10_probe", "gpu")
@@ -367,7 +460,7 @@ def test_sharded_predict_merge_and_a_shard_killed_midway_resumes_with_no_tile_lo
     written = [t for t in shard1 if (out / f"{t}.tif").is_file()]
     assert 0 < len(written) < len(shard1), f"not killed midway: {len(written)} of {len(shard1)} masks"
     assert not slurm.shard_complete(cohort, out, 1, 2) and slurm.shard_complete(cohort, out, 0, 2)
-    assert not (out / "shards_check.json").exists()     # the merge never ran: its parent failed
+    assert slurm.read_shards_check(out) is None         # the merge never ran: its parent failed
     status = cli(project, "status").stdout
     assert "predict[1]" in status and "shard incomplete" in status and "CANCELLED" in status
     proc = cli(project, *args)
@@ -375,11 +468,10 @@ def test_sharded_predict_merge_and_a_shard_killed_midway_resumes_with_no_tile_lo
     predict_job, merge_job = last_record(project)["jobs"]
     assert predict_job["array"]["spec"] == "1"          # shard 0 is complete: not submitted again
     wait_for([predict_job["job_id"], merge_job["job_id"]], timeout=120)
-    check = json.loads((out / "shards_check.json").read_text())
+    check = slurm.read_shards_check(out)
     assert check["ok"] and not check["missing"] and not check["duplicated"]
     assert check["n_tiles"] == len(tiles) == 15 and check["per_shard"] == {"0": 8, "1": 7}
-    table1 = [line.split("\t") for line in (out / predict.table_name("1/2")).read_text().splitlines()[1:]]
-    assert sorted(row[0] for row in table1) == sorted(shard1)                  # each tile once
+    assert sorted(slurm.read_shard_tables(out, 2)[1]) == sorted(shard1)       # each tile once
     merged = (out / "tiles.tsv").read_text().splitlines()[1:]
     assert sorted(line.split("\t")[0] for line in merged) == tiles
     status = cli(project, "status").stdout
@@ -518,7 +610,7 @@ def test_e5_shard_array_then_merge_check_then_the_notebook_which_segments_nothin
     folders = sorted(p for p in (root / "data" / "predictions").iterdir() if p.is_dir())
     assert len(folders) == 2
     for folder in folders:
-        check = json.loads((folder / "shards_check.json").read_text())
+        check = slurm.read_shards_check(folder)
         assert check["ok"] and not check["missing"] and not check["duplicated"] and not check["unreadable_masks"]
         assert check["n_tiles"] == 15 and check["per_shard"] == {"0": 8, "1": 7}
         assert len((folder / "tiles.tsv").read_text().splitlines()) == 1 + 15

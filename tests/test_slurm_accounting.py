@@ -137,15 +137,32 @@ def acct_conf(tmp_path_factory):
 
 
 def _forgotten(job_ids: list[str], timeout: float = 60) -> None:
-    """Until slurmctld has purged the jobs (MinJobAge): `squeue -t all` no longer lists them."""
+    """Until slurmctld has purged the jobs (MinJobAge): `squeue -t all` no longer lists them.
+
+    Only an answer counts: a squeue that fails for another reason than the ids being unknown
+    (slurmctld busy: "Socket timed out") prints nothing too, and is asked again.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i"],
                               capture_output=True, text=True)
-        if not proc.stdout.split():
+        if (proc.returncode == 0 or "Invalid job id" in proc.stderr) and not proc.stdout.split():
             return
         time.sleep(0.5)
     raise AssertionError(f"slurmctld still lists {job_ids} {timeout} s after they ended (MinJobAge={MIN_JOB_AGE_S})")
+
+
+def _accounted(job_ids: list[str], timeout: float = 60) -> None:
+    """Until sacct has every job's final row: slurmctld sends a job's end to slurmdbd through a
+    queue of its own, so accounting can lag behind the controller (more so on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    acct = None
+    while time.monotonic() < deadline:
+        acct = slurm.sacct_states(job_ids)
+        if acct is not None and all(j in acct and acct[j]["state"] not in slurm.ACTIVE_STATES for j in job_ids):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"sacct has no final state of {job_ids} {timeout} s after they ended: {acct}")
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +178,7 @@ def finished(acct_conf, project):
     ids = [j["job_id"] for _, record in out.values() for j in record["jobs"]]
     wait_for(ids, timeout=150)
     _forgotten(ids)
+    _accounted(ids)
     return out
 
 

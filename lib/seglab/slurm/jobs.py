@@ -51,6 +51,7 @@ FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                  "DEADLINE", "PREEMPTED"}
 SPECIAL_JOBS = ("predict", "merge", "prepare")
 STAGES = ("prepare", "merge")   # per-notebook jobs: "<notebook>:prepare", "05_downstream:merge"
+CHECK_FILE = "shards_check.json"   # what the merge step of sharded inference found
 
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
@@ -826,16 +827,21 @@ def submissions_dir() -> Path:
     return paths.runs_dir() / SUBMISSIONS
 
 
+def read_submission(submission_dir: Path) -> dict | None:
+    """A submission's record, or None while there is none to read: the folder is made before
+    the first sbatch answers and ``submission.json`` written after it (and after each job)."""
+    try:
+        record = json.loads((Path(submission_dir) / RECORD).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):   # missing; JSON or UTF-8 cut short
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def iter_submissions() -> list[dict]:
-    """Every submission record, oldest first."""
+    """Every submission record, oldest first (folders without a readable record left out)."""
     base = submissions_dir()
-    out = []
-    for d in sorted(base.iterdir()) if base.is_dir() else []:
-        try:
-            out.append(json.loads((d / RECORD).read_text()))
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-    return out
+    found = [read_submission(d) for d in sorted(base.iterdir()) if d.is_dir()] if base.is_dir() else []
+    return [r for r in found if r is not None]
 
 
 def describe(plan: Plan) -> str:
@@ -1017,6 +1023,8 @@ def status(ref: str | None = None) -> dict:
                    "run_status": (m or {}).get("status"), "run_dir": os.path.relpath(run_dir, root) if run_dir else None,
                    "missing": [], "log": log_path, "error": (m or {}).get("error"), "cancelled_because": None,
                    "dependency": job.get("dependency") or []}
+            if m is None and job.get("kind") == "notebook" and state in ("RUNNING", "COMPLETING"):
+                row["run_status"] = runs.STARTING   # its folder may exist; its manifest (with this job id) not yet
             if m and m.get("status") == "done":
                 problems = runs.check_outputs(run_dir, m)
                 row["missing"] = problems["missing"] + [f"CHANGED {p}" for p in problems["changed"]]
@@ -1031,12 +1039,9 @@ def status(ref: str | None = None) -> dict:
             elif job.get("kind") == "check":
                 row["outputs"] = f"merge check (every tile exactly once); log {log_path}"
             elif job.get("kind") == "merge":
-                check_file = Path(meta["out"]) / "shards_check.json"
-                try:
-                    ok = json.loads(check_file.read_text()).get("ok")
-                    row["outputs"] = f"{'every tile exactly once' if ok else 'CHECK FAILED'}: {check_file}"
-                except (FileNotFoundError, json.JSONDecodeError):
-                    row["outputs"] = "not checked yet"
+                check = read_shards_check(meta["out"])
+                row["outputs"] = "not checked yet" if check is None else \
+                    f"{'every tile exactly once' if check.get('ok') else 'CHECK FAILED'}: {Path(meta['out']) / CHECK_FILE}"
             if state in FAILED_STATES and state != "CANCELLED" or row["run_status"] in ("failed", "interrupted"):
                 failed_ids[jid] = key
             rows.append(row)
@@ -1073,6 +1078,7 @@ def format_status(result: dict) -> str:
     for row in result["rows"]:
         state = row["state"] + _exit_text(row) + (f" ({row['reason']})" if row["reason"] and row["reason"] not in ("None", "") else "")
         run = (f"run {row['run_status']}: {row['run_dir']}" if row["run_dir"]
+               else "run starting (no manifest yet)" if row["run_status"] == "starting"
                else row.get("outputs") or "no run yet")
         lines.append(f"  {row['name']:22s} job {row['job_id']:10s} {state:32s} {run}")
         if row["missing"]:
@@ -1173,18 +1179,27 @@ def check_shards(tiles: list[str], shard_tables: dict[int, list[str]]) -> ShardC
                       per_shard={s: len(n) for s, n in sorted(shard_tables.items())})
 
 
+def read_shards_check(out_dir) -> dict | None:
+    """``shards_check.json`` of a prediction folder (what the merge step found), or None while
+    there is none to read (the merge has not run, or the file is cut short)."""
+    try:
+        check = json.loads((Path(out_dir) / CHECK_FILE).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return check if isinstance(check, dict) else None
+
+
 def _merge_ok(out_dir, n_shards: int) -> bool:
     """A passing shards_check.json for this N, newer than every shard table."""
     from seglab.segment import predict
     out = Path(out_dir)
-    try:
-        check = json.loads((out / "shards_check.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    check = read_shards_check(out)
+    if check is None:
         return False
     tables = [out / predict.table_name((i, n_shards)) for i in range(n_shards)]
     newest = max((t.stat().st_mtime for t in tables if t.is_file()), default=float("inf"))
     return bool(check.get("ok")) and check.get("n_shards") == n_shards \
-        and (out / "shards_check.json").stat().st_mtime >= newest
+        and (out / CHECK_FILE).stat().st_mtime >= newest
 
 
 def read_shard_tables(out_dir, n_shards: int) -> dict[int, list[str]]:
@@ -1226,7 +1241,7 @@ def merge_shards(tiles_dir, out_dir, n_shards: int, log=print) -> ShardCheck:
     broken = sorted(t for t in listed & set(tiles) if not _mask_ok(out / f"{t}.tif"))
     record = {**check.__dict__, "ok": check.ok and not broken, "unreadable_masks": broken,
               "tiles_dir": str(tiles_dir), "out_dir": str(out), "checked": _now()}
-    io.write_json(out / "shards_check.json", record)
+    io.write_json(out / CHECK_FILE, record)
     if not record["ok"]:
         raise SeglabError(
             f"{out}: the {n_shards} shards do not give every tile exactly once: {len(check.missing)} missing "

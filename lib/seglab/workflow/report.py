@@ -22,7 +22,7 @@ from pathlib import Path
 from seglab.core import io
 from seglab.core import paths
 from seglab.workflow.chain import load_experiments
-from seglab.workflow.runs import check_outputs, list_runs, read_manifest, utc_now
+from seglab.workflow.runs import STARTING, check_outputs, list_runs, read_manifest, utc_now
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
 TEMPLATE_NAME = "offline"
@@ -95,6 +95,15 @@ def headline_items(summary: dict, limit: int = MAX_HEADLINES) -> list[tuple]:
     return [(k, summary[k]) for k in keys[:limit]]
 
 
+def _last_done(run_dirs: list[Path], root: Path) -> dict:
+    """Links to the newest successful run with a report (the last good evidence)."""
+    good = next((m for m in map(read_manifest, reversed(run_dirs)) if m and m.get("status") == "done"), None)
+    if good and good.get("report"):
+        return {"last_done_report": os.path.relpath(root / good["report"], paths.reports_dir()),
+                "last_done_run": good.get("run_id")}
+    return {}
+
+
 def _status_rows() -> list[dict]:
     root = paths.project_root()
     experiments = load_experiments(root)
@@ -106,21 +115,20 @@ def _status_rows() -> list[dict]:
         for profile in profiles or ["demo"]:
             run_dirs = list_runs(e.name, profile)
             row = {"experiment": e.name, "title": e.title, "profile": profile, "n_runs": len(run_dirs)}
-            manifest = None
-            for run_dir in reversed(run_dirs):
-                manifest = read_manifest(run_dir)
-                if manifest:
-                    break
-            if manifest is None:
+            if not run_dirs:
                 rows.append({**row, "status": "not run"})
+                continue
+            run_dir = run_dirs[-1]
+            manifest = read_manifest(run_dir)
+            if manifest is None:   # made, manifest not written yet (or cut short): a run starting
+                rows.append({**row, "status": STARTING, "run_dir": os.path.relpath(run_dir, root),
+                             "started": None, "git": {}, "summary": {}, "error": None, "report": None,
+                             "missing": [], "changed": [], **_last_done(run_dirs, root)})
                 continue
             problems = check_outputs(run_dir, manifest)
             report = manifest.get("report")
             if manifest.get("status") != "done":  # point at the last good evidence too
-                good = next((m for m in map(read_manifest, reversed(run_dirs)) if m and m.get("status") == "done"), None)
-                if good and good.get("report"):
-                    row["last_done_report"] = os.path.relpath(root / good["report"], paths.reports_dir())
-                    row["last_done_run"] = good.get("run_id")
+                row.update(_last_done(run_dirs, root))
             rows.append({**row, "status": manifest.get("status"), "started": manifest.get("started"),
                          "duration_s": manifest.get("duration_s"), "git": manifest.get("git") or {},
                          "summary": manifest.get("summary") or {}, "error": manifest.get("error"),
@@ -136,7 +144,7 @@ table{border-collapse:collapse;width:100%}
 th,td{border:1px solid #ccc;padding:.35em .6em;text-align:left;vertical-align:top;font-size:14px}
 th{background:#f3f3f3}
 .done{color:#17672a;font-weight:600}.failed,.interrupted{color:#b00020;font-weight:600}
-.running{color:#8a5a00;font-weight:600}.flag{color:#b00020;font-weight:700}
+.running,.starting{color:#8a5a00;font-weight:600}.flag{color:#b00020;font-weight:700}
 code{font-size:12px}ul{margin:0;padding-left:1.1em}
 """
 
@@ -151,6 +159,13 @@ def build_index() -> Path:
                  f"<td class='{e(status)}'>{e(status)}</td>"]
         if status == "not run":
             cells += ["<td></td>"] * 5
+        elif status == STARTING:
+            link = ""
+            if r.get("last_done_report"):
+                link = (f"last successful: <a href='{e(r['last_done_report'])}'>"
+                        f"{e(r['last_done_run'])}</a><br>")
+            cells += [f"<td>no manifest yet; {r['n_runs']} run(s)</td>", "<td></td>", "<td></td>",
+                      f"<td>{link}<code>{e(str(r.get('run_dir')))}</code></td>", "<td></td>"]
         else:
             git = r["git"]
             commit = (git.get("commit") or "no git")[:10] + (" (dirty)" if git.get("dirty") else "")

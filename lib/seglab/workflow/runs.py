@@ -17,6 +17,9 @@ share or overwrite one; every file is written atomically (``seglab.core.io``).
 Status is one of ``running``, ``done``, ``failed``, ``interrupted``. A run
 whose process was killed outright (SIGKILL, node loss) keeps ``running`` in
 its manifest; ``run-all`` treats it as not done and runs the notebook again.
+A folder whose ``manifest.json`` cannot be read yet (made, manifest not yet
+written) is a run ``starting``: :func:`read_manifest` gives None for it,
+:func:`run_status` says ``starting``; readers skip it or show it so.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from seglab.workflow.chain import Experiment, find_experiment, load_experiments,
 from seglab.config.params import load_params, load_schema, params_hash
 
 MANIFEST = "manifest.json"
+STARTING = "starting"   # a run folder whose manifest.json is not written (or not readable) yet
 SUMMARY = "summary.json"
 TEST_EVALUATIONS = "test_evaluations.json"
 KERNEL_NAME = "python3"
@@ -109,10 +113,25 @@ def slurm_state() -> dict | None:
 
 
 def read_manifest(run_dir: Path) -> dict | None:
+    """The run's manifest, or None while there is none to read.
+
+    None for a folder whose ``manifest.json`` is not written yet (the runner makes the folder
+    with an exclusive mkdir, then writes the manifest), for a manifest cut short (truncated
+    JSON, bytes that are not UTF-8: a copy or a disk that failed midway) and for JSON that is
+    not a record. Every reader of run folders goes through here, so a run starting never
+    crashes a status page, ``seglab status`` or ``run-all``.
+    """
     try:
-        return json.loads((Path(run_dir) / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        manifest = json.loads((Path(run_dir) / MANIFEST).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):   # missing (FileNotFoundError, NotADirectoryError); JSON or UTF-8 cut short
         return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def run_status(run_dir: Path, manifest: dict | None = None) -> str:
+    """``running``/``done``/``failed``/``interrupted`` from the manifest; ``starting`` without one."""
+    manifest = read_manifest(run_dir) if manifest is None else manifest
+    return str(manifest.get("status")) if manifest else STARTING
 
 
 def list_runs(experiment: str, profile: str) -> list[Path]:
@@ -215,6 +234,15 @@ def execute(ref: str, profile: str, overrides: dict | None = None, render: bool 
     params, sources = load_params(experiment.name, profile, overrides, root)
     inputs = input_hashes(experiment, params, root)
 
+    # The slow fields first (git, package versions, upstream runs), so the folder is without its
+    # manifest for as short a time as possible (readers see it as `starting` meanwhile).
+    recorded = {
+        "git": git_state(root), "packages": package_versions(), "host": socket.gethostname(),
+        "pid": os.getpid(), "slurm": slurm_state(), "command": sys.argv,
+        "params_hash": params_hash(params),
+        "params_files": [{"path": os.path.relpath(s, root), "sha256": io.sha256_file(s)} for s in sources],
+        "overrides": overrides or {}, "inputs": inputs, "upstream": upstream_runs(experiment, profile),
+    }
     parent = paths.runs_dir() / experiment.name / profile
     parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -229,11 +257,7 @@ def execute(ref: str, profile: str, overrides: dict | None = None, render: bool 
         "experiment": experiment.name, "title": experiment.title, "profile": profile,
         "run_id": run_dir.name, "run_dir": os.path.relpath(run_dir, root), "status": "running",
         "started": utc_now(), "ended": None, "duration_s": None,
-        "git": git_state(root), "packages": package_versions(), "host": socket.gethostname(),
-        "pid": os.getpid(), "slurm": slurm_state(), "command": sys.argv,
-        "params_hash": params_hash(params),
-        "params_files": [{"path": os.path.relpath(s, root), "sha256": io.sha256_file(s)} for s in sources],
-        "overrides": overrides or {}, "inputs": inputs, "upstream": upstream_runs(experiment, profile),
+        **recorded,
         "outputs": [], "error": None, "report": None,
     }
     io.write_json(run_dir / MANIFEST, manifest)
@@ -348,6 +372,8 @@ def is_up_to_date(experiment: Experiment, profile: str, overrides: dict | None =
     if latest is None:
         return None
     manifest = read_manifest(latest)
+    if manifest is None:   # replaced or removed since latest_run read it
+        return None
     params, _ = load_params(experiment.name, profile, overrides, root)
     if manifest.get("params_hash") != params_hash(params):
         return None
