@@ -285,6 +285,122 @@ def read_clinical(path: str | os.PathLike, id_column: str = "projid") -> pd.Data
     return table
 
 
+def _list_tiffs(tiles_dir: Path) -> list[Path]:
+    """The visible ``.tif``/``.tiff`` files under ``tiles_dir`` (recursive, sorted); SeglabError when
+    the folder is missing or holds none."""
+    if not tiles_dir.is_dir():
+        raise SeglabError(f"{tiles_dir}: tiles folder not found")
+    files = sorted(p for p in tiles_dir.rglob("*") if p.suffix.lower() in TIFF_SUFFIXES and p.is_file()
+                   and not p.name.startswith("."))
+    if not files:
+        raise SeglabError(f"{tiles_dir}: no .tif/.tiff files found (empty folder?)")
+    return files
+
+
+def _compile_pattern(pattern: str) -> re.Pattern:
+    """The file-name regex; SeglabError when it lacks a named group tile_id, donor, marker or channel."""
+    regex = re.compile(pattern)
+    missing_groups = {"tile_id", "donor", "marker", "channel"} - set(regex.groupindex)
+    if missing_groups:
+        raise SeglabError(f"pattern {pattern!r} lacks the named group(s) {sorted(missing_groups)}")
+    return regex
+
+
+def _group_channels(files: list[Path], regex: re.Pattern, tiles_dir: Path, pattern: str):
+    """Group the files by tile id.
+
+    Returns (channels, meta, unmatched): {tile_id: {channel: resolved path}}, {tile_id: (donor, marker)}
+    and the files the pattern does not match. SeglabError on a non-numeric donor id, a tile id
+    whose channel appears twice, or when no file matches.
+    """
+    channels: dict[str, dict[str, Path]] = {}
+    meta: dict[str, tuple[int, str]] = {}
+    unmatched: list[str] = []
+    for f in files:
+        m = regex.match(f.name)
+        if not m:
+            unmatched.append(str(f))
+            continue
+        tid, ch = m["tile_id"], m["channel"]
+        try:
+            donor = int(m["donor"])
+        except ValueError:
+            raise SeglabError(f"{f}: donor id {m['donor']!r} is not numeric; rename the file or pass a "
+                              f"pattern whose 'donor' group captures the numeric id") from None
+        slot = channels.setdefault(tid, {})
+        if ch in slot:
+            raise SeglabError(f"duplicate tile id {tid}: channel {ch} is both {slot[ch]} and {f}; "
+                              f"remove one copy")
+        slot[ch] = f.resolve()
+        meta[tid] = (donor, m["marker"])
+    if not channels:
+        raise SeglabError(f"{tiles_dir}: none of the {len(files)} TIFF files matches the pattern {pattern!r} "
+                          f"(e.g. {files[0].name}); pass pattern= to match your names")
+    return channels, meta, unmatched
+
+
+def _find_mask(masks_dir: Path | None, tile_id: str) -> str:
+    """Resolved path of ``<masks_dir>/<tile_id>.tif`` (or ``.tiff``), or '' when there is none."""
+    if masks_dir is not None:
+        for suf in TIFF_SUFFIXES:
+            if (masks_dir / f"{tile_id}{suf}").is_file():
+                return str((masks_dir / f"{tile_id}{suf}").resolve())
+    return ""
+
+
+def _pair_tiles(channels: dict, meta: dict, masks_dir: Path | None, ann: set[str] | None, dapi_channel: str,
+                marker_channels: tuple[str, ...], check_files: bool, strict: bool):
+    """Pair each tile's DAPI and marker files (and mask) into manifest rows, in tile id order.
+
+    Returns (rows, unpaired, excluded, fallbacks): the rows (dicts of :data:`MANIFEST_COLUMNS`,
+    split ''), the tiles without a DAPI or marker channel, the tiles whose files failed
+    :func:`_check_tile_files` (only without ``strict``; with it the error is raised) and the
+    tiles whose marker is the fallback channel.
+    """
+    rows, unpaired, excluded, fallbacks = [], [], [], []
+    for tid in sorted(channels):
+        slot = channels[tid]
+        donor, marker = meta[tid]
+        if dapi_channel not in slot:
+            unpaired.append({"tile_id": tid, "problem": f"no DAPI channel {dapi_channel}",
+                             "files": [str(p) for p in slot.values()]})
+            continue
+        mch = next((c for c in marker_channels if c in slot), None)
+        if mch is None:
+            unpaired.append({"tile_id": tid, "problem": f"no marker channel ({' or '.join(marker_channels)})",
+                             "files": [str(slot[dapi_channel])]})
+            continue
+        if mch != marker_channels[0]:
+            fallbacks.append(tid)
+        mask = _find_mask(masks_dir, tid)
+        is_ann = bool(mask) if ann is None else tid in ann
+        row = {"tile_id": tid, "donor": donor, "marker": marker, "dapi_path": str(slot[dapi_channel]),
+               "marker_path": str(slot[mch]), "marker_channel": mch, "mask_path": mask,
+               "annotated": is_ann, "split": ""}
+        if check_files:
+            try:
+                _check_tile_files(row)
+            except SeglabError as exc:
+                if strict:
+                    raise
+                excluded.append({"tile_id": tid, "problem": str(exc)})
+                continue
+        rows.append(row)
+    return rows, unpaired, excluded, fallbacks
+
+
+def _manifest_frame(rows: list[dict], splits) -> pd.DataFrame:
+    """The manifest DataFrame of the paired rows (typed columns), with ``split`` from the donor
+    splits (YAML path or mapping; None leaves it '')."""
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest["donor"] = manifest["donor"].astype("int64")
+    manifest["annotated"] = manifest["annotated"].astype(bool)
+    if splits is not None:
+        split_map = load_splits(splits) if isinstance(splits, (str, os.PathLike)) else check_splits(splits)
+        manifest = apply_splits(manifest, split_map)
+    return manifest
+
+
 def discover(tiles_dir: str | os.PathLike, masks_dir: str | os.PathLike | None = None,
              pattern: str = DEFAULT_PATTERN, *, dapi_channel: str = "c0",
              marker_channels: tuple[str, ...] = ("c1", "c2"), annotated=None, splits=None,
@@ -321,87 +437,15 @@ def discover(tiles_dir: str | os.PathLike, masks_dir: str | os.PathLike | None =
         and (``strict``) a broken tile; the message names the file and what is wrong.
     """
     tiles_dir = Path(tiles_dir)
-    if not tiles_dir.is_dir():
-        raise SeglabError(f"{tiles_dir}: tiles folder not found")
-    files = sorted(p for p in tiles_dir.rglob("*") if p.suffix.lower() in TIFF_SUFFIXES and p.is_file()
-                   and not p.name.startswith("."))
-    if not files:
-        raise SeglabError(f"{tiles_dir}: no .tif/.tiff files found (empty folder?)")
-    regex = re.compile(pattern)
-    missing_groups = {"tile_id", "donor", "marker", "channel"} - set(regex.groupindex)
-    if missing_groups:
-        raise SeglabError(f"pattern {pattern!r} lacks the named group(s) {sorted(missing_groups)}")
-
-    channels: dict[str, dict[str, Path]] = {}
-    meta: dict[str, tuple[int, str]] = {}
-    unmatched: list[str] = []
-    for f in files:
-        m = regex.match(f.name)
-        if not m:
-            unmatched.append(str(f))
-            continue
-        tid, ch = m["tile_id"], m["channel"]
-        try:
-            donor = int(m["donor"])
-        except ValueError:
-            raise SeglabError(f"{f}: donor id {m['donor']!r} is not numeric; rename the file or pass a "
-                              f"pattern whose 'donor' group captures the numeric id") from None
-        slot = channels.setdefault(tid, {})
-        if ch in slot:
-            raise SeglabError(f"duplicate tile id {tid}: channel {ch} is both {slot[ch]} and {f}; "
-                              f"remove one copy")
-        slot[ch] = f.resolve()
-        meta[tid] = (donor, m["marker"])
-    if not channels:
-        raise SeglabError(f"{tiles_dir}: none of the {len(files)} TIFF files matches the pattern {pattern!r} "
-                          f"(e.g. {files[0].name}); pass pattern= to match your names")
-
+    files = _list_tiffs(tiles_dir)
+    channels, meta, unmatched = _group_channels(files, _compile_pattern(pattern), tiles_dir, pattern)
     ann = _read_annotated(annotated)
     masks_dir = Path(masks_dir) if masks_dir is not None else None
     if masks_dir is not None and not masks_dir.is_dir():
         raise SeglabError(f"{masks_dir}: masks folder not found")
-
-    rows, unpaired, excluded, fallbacks = [], [], [], []
-    for tid in sorted(channels):
-        slot = channels[tid]
-        donor, marker = meta[tid]
-        if dapi_channel not in slot:
-            unpaired.append({"tile_id": tid, "problem": f"no DAPI channel {dapi_channel}",
-                             "files": [str(p) for p in slot.values()]})
-            continue
-        mch = next((c for c in marker_channels if c in slot), None)
-        if mch is None:
-            unpaired.append({"tile_id": tid, "problem": f"no marker channel ({' or '.join(marker_channels)})",
-                             "files": [str(slot[dapi_channel])]})
-            continue
-        if mch != marker_channels[0]:
-            fallbacks.append(tid)
-        mask = ""
-        if masks_dir is not None:
-            for suf in TIFF_SUFFIXES:
-                if (masks_dir / f"{tid}{suf}").is_file():
-                    mask = str((masks_dir / f"{tid}{suf}").resolve())
-                    break
-        is_ann = bool(mask) if ann is None else tid in ann
-        row = {"tile_id": tid, "donor": donor, "marker": marker, "dapi_path": str(slot[dapi_channel]),
-               "marker_path": str(slot[mch]), "marker_channel": mch, "mask_path": mask,
-               "annotated": is_ann, "split": ""}
-        if check_files:
-            try:
-                _check_tile_files(row)
-            except SeglabError as exc:
-                if strict:
-                    raise
-                excluded.append({"tile_id": tid, "problem": str(exc)})
-                continue
-        rows.append(row)
-
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    manifest["donor"] = manifest["donor"].astype("int64")
-    manifest["annotated"] = manifest["annotated"].astype(bool)
-    if splits is not None:
-        split_map = load_splits(splits) if isinstance(splits, (str, os.PathLike)) else check_splits(splits)
-        manifest = apply_splits(manifest, split_map)
+    rows, unpaired, excluded, fallbacks = _pair_tiles(channels, meta, masks_dir, ann, dapi_channel,
+                                                      marker_channels, check_files, strict)
+    manifest = _manifest_frame(rows, splits)
     audit = coverage_audit(manifest, clinical=clinical, id_column=id_column)
     audit.update({
         "tiles_dir": str(tiles_dir.resolve()), "masks_dir": str(masks_dir.resolve()) if masks_dir else None,

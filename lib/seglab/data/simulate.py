@@ -307,29 +307,36 @@ def _vessel_path(rng, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- one tile
 
 
-def render_tile(rng: np.random.Generator, marker: str, p_positive: float, size: int,
-                P: SimParams, density_factor: float = 1.0) -> dict:
-    """Simulate one tile.
+@dataclass
+class _Cells:
+    """The cells of one tile before rendering; every array has shape (n,).
 
-    Parameters
+    Attributes
     ----------
-    rng : the tile's own generator (the cohort derives one per tile from the seed).
-    marker : one of :data:`MARKERS`; decides the morphology of positive cells.
-    p_positive : probability that a cell is marker-positive.
-    size : tile side, px.
-    P : simulator parameters.
-    density_factor : the donor's multiplier of ``P.density_per_mpx``.
-
-    Returns
-    -------
-    dict with ``dapi`` and ``marker`` (uint16, (size, size)), ``labels`` (uint16
-    instance mask, 0 = background), ``cells`` (DataFrame: label, positive, dim,
-    area_px, y, x) and ``info`` (out_of_focus, blur_sigma_px, n_lipofuscin).
+    positive, dim : bool, marker-positive and out-of-plane (dimmed) cells.
+    r : nucleus radius, px (before the elongation).
+    a, b : semi-axes of the nucleus ellipse, px.
+    angle : orientation of the ellipse, rad (cells placed on a vessel take its direction).
+    cy, cx : float32 centres, px (filled by :func:`_place_cells`).
     """
-    from scipy.ndimage import gaussian_filter
 
-    if marker not in MARKERS:
-        raise SeglabError(f"render_tile: unknown marker {marker!r}; known: {', '.join(MARKERS)}")
+    positive: np.ndarray
+    dim: np.ndarray
+    r: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    angle: np.ndarray
+    cy: np.ndarray
+    cx: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.positive.size)
+
+
+def _draw_cells(rng, marker: str, p_positive: float, size: int, P: SimParams, density_factor: float) -> _Cells:
+    """How many cells a ``size`` x ``size`` px tile holds, which are positive and dim, and their
+    nucleus shapes (radius and semi-axes in px, angle in rad); centres are left at 0."""
     # Tissue density varies from field to field around the donor's level.
     density = P.density_per_mpx * density_factor * math.exp(rng.normal(0, P.density_sd))
     n = int(rng.poisson(density * size * size / 1e6))
@@ -352,96 +359,144 @@ def render_tile(rng: np.random.Generator, marker: str, p_positive: float, size: 
         e = np.where(positive, e + 0.25, e)
     elif marker == "pecam":  # endothelial: flat, elongated along the vessel
         e = np.where(positive, e + 0.45, e)
-    a, b = r * (1 + e), r / (1 + e)
+    return _Cells(positive=positive, dim=dim, r=r, a=r * (1 + e), b=r / (1 + e), angle=angle,
+                  cy=np.zeros(n, np.float32), cx=np.zeros(n, np.float32))
 
-    # Placement: vessels for PECAM-positive cells, then touching / overlapping / free nuclei.
-    cy, cx = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    vessels = []
-    if marker == "pecam":
-        n_vessels = 1 + int(n_pos > 6) + int(rng.random() < 0.3)
-        vessels = [_vessel_path(rng, size) for _ in range(n_vessels)]
-    placed = 0
-    for i in range(n):
-        if marker == "pecam" and positive[i] and vessels:
-            path = vessels[int(rng.integers(len(vessels)))]
-            k = int(rng.integers(1, len(path) - 1)) if len(path) > 2 else 0
-            cy[i], cx[i] = path[k] + rng.normal(0, 0.7, 2)
-            if len(path) > 2:
-                d = path[k + 1] - path[k - 1]
-                angle[i] = math.atan2(float(d[0]), float(d[1]))
+
+def _draw_vessels(rng, n_positive: int, size: int) -> list[np.ndarray]:
+    """One to three vessel paths ((N, 2) points (y, x), px) for a PECAM tile with ``n_positive`` positive cells."""
+    n_vessels = 1 + int(n_positive > 6) + int(rng.random() < 0.3)
+    return [_vessel_path(rng, size) for _ in range(n_vessels)]
+
+
+def _place_on_vessel(rng, vessels: list[np.ndarray]):
+    """A centre (2,) (y, x) px on a random point of a random vessel, jittered, and the vessel's
+    direction there in rad (None on a path too short to have one)."""
+    path = vessels[int(rng.integers(len(vessels)))]
+    k = int(rng.integers(1, len(path) - 1)) if len(path) > 2 else 0
+    centre = path[k] + rng.normal(0, 0.7, 2)
+    if len(path) <= 2:
+        return centre, None
+    d = path[k + 1] - path[k - 1]
+    return centre, math.atan2(float(d[0]), float(d[1]))
+
+
+def _place_in_tissue(rng, cells: _Cells, i: int, placed: int, size: int, P: SimParams):
+    """Centre (y, x) px of cell ``i``: touching or overlapping one of the ``placed`` earlier cells,
+    or else a free spot (the first of 25 tries clear of the earlier nuclei, else the last try)."""
+    cy, cx, r = cells.cy, cells.cx, cells.r
+    u = rng.random()
+    if placed and u < P.touching_fraction + P.overlap_fraction:
+        j = int(rng.integers(placed))
+        lo, hi = (0.9, 1.05) if u < P.touching_fraction else (0.55, 0.8)
+        dist = (r[i] + r[j]) * rng.uniform(lo, hi)
+        th = rng.uniform(0, 2 * math.pi)
+        return cy[j] + dist * math.sin(th), cx[j] + dist * math.cos(th)
+    for _ in range(25):
+        y, x = rng.uniform(-3, size + 3, 2)
+        if placed == 0 or np.min(np.hypot(cy[:placed] - y, cx[:placed] - x) / (r[:placed] + r[i])) > 1.1:
+            break
+    return y, x
+
+
+def _place_cells(rng, cells: _Cells, vessels: list[np.ndarray], size: int, P: SimParams) -> None:
+    """Fill ``cells.cy``/``cells.cx`` (px) in order: positive cells on the vessels (PECAM), the
+    others touching, overlapping or free; a cell on a vessel takes its direction as ``angle``."""
+    for i in range(cells.n):
+        if vessels and cells.positive[i]:
+            centre, direction = _place_on_vessel(rng, vessels)
+            cells.cy[i], cells.cx[i] = centre
+            if direction is not None:
+                cells.angle[i] = direction
         else:
-            u = rng.random()
-            if placed and u < P.touching_fraction + P.overlap_fraction:
-                j = int(rng.integers(placed))
-                lo, hi = (0.9, 1.05) if u < P.touching_fraction else (0.55, 0.8)
-                dist = (r[i] + r[j]) * rng.uniform(lo, hi)
-                th = rng.uniform(0, 2 * math.pi)
-                cy[i], cx[i] = cy[j] + dist * math.sin(th), cx[j] + dist * math.cos(th)
-            else:
-                for _ in range(25):
-                    y, x = rng.uniform(-3, size + 3, 2)
-                    if placed == 0 or np.min(np.hypot(cy[:placed] - y, cx[:placed] - x) / (r[:placed] + r[i])) > 1.1:
-                        break
-                cy[i], cx[i] = y, x
-        placed += 1
+            cells.cy[i], cells.cx[i] = _place_in_tissue(rng, cells, i, i, size, P)
 
-    canvas = _Canvas(size)
+
+def _draw_looks(rng, cells: _Cells, P: SimParams):
+    """Per cell: outline harmonics (list of n lists of (k, amplitude, phase)), DAPI brightness (n,)
+    and marker level of a positive cell (n,), both in DAPI-nucleus units, dimmed for dim cells."""
+    n = cells.n
     harm_all = [[(k, rng.normal(0, P.irregularity / (k - 1)), rng.uniform(0, 2 * math.pi)) for k in (2, 3, 4)]
                 for _ in range(n)]
-    brightness = np.exp(rng.normal(0, 0.2, n)) * np.where(dim, P.dim_factor, 1.0)
-    pos_level = P.positive_intensity * np.exp(rng.normal(0, 0.3, n)) * np.where(dim, P.dim_factor, 1.0)
+    brightness = np.exp(rng.normal(0, 0.2, n)) * np.where(cells.dim, P.dim_factor, 1.0)
+    pos_level = P.positive_intensity * np.exp(rng.normal(0, 0.3, n)) * np.where(cells.dim, P.dim_factor, 1.0)
+    return harm_all, brightness, pos_level
+
+
+def _paint_nuclei(rng, cells: _Cells, harm_all, brightness: np.ndarray, size: int) -> _Canvas:
+    """A canvas with every nucleus painted: DAPI (with chromatin texture), labels (a later nucleus
+    occludes an earlier one; label = index + 1) and the nuclei footprint, all (size, size)."""
+    canvas = _Canvas(size)
     texture = 1 + 0.3 * _smooth_field(rng, size, 1.2)  # chromatin texture of DAPI
     texture = np.clip(texture, 0.2, None)
-    for i in range(n):
-        half = int(math.ceil(max(a[i], b[i]) * 1.4)) + 2
-        w = canvas.window(cy[i], cx[i], half)
+    for i in range(cells.n):
+        half = int(math.ceil(max(cells.a[i], cells.b[i]) * 1.4)) + 2
+        w = canvas.window(cells.cy[i], cells.cx[i], half)
         if w is None:
             continue
         sl, dy, dx = w
-        inside = _nucleus_inside(dy, dx, a[i], b[i], angle[i], harm_all[i])
+        inside = _nucleus_inside(dy, dx, cells.a[i], cells.b[i], cells.angle[i], harm_all[i])
         canvas.dapi[sl] += inside * brightness[i]
         canvas.labels[sl][inside] = i + 1  # a later nucleus occludes an earlier one
         canvas.nuclei[sl] |= inside
     canvas.dapi *= texture
+    return canvas
 
-    # Marker morphologies of positive cells.
-    for i in np.flatnonzero(positive):
-        lvl = pos_level[i]
-        if marker in ("gfap", "iba1"):
-            n_proc = int(rng.integers(4, 8)) if marker == "gfap" else int(rng.integers(3, 6))
-            length = r[i] * (rng.uniform(2.5, 4.0) if marker == "gfap" else rng.uniform(3.0, 5.0))
-            half = int(math.ceil(length * 1.1)) + 3
-        else:
-            half = int(math.ceil(max(a[i], b[i]) * 1.8)) + 2
-        w = canvas.window(cy[i], cx[i], half)
-        if w is None:
-            continue
-        sl, dy, dx = w
-        soma_scale = {"gfap": 1.25, "iba1": 1.15, "neun": 1.6, "olig2": 0.95, "pecam": 1.1}[marker]
-        soma = _nucleus_inside(dy, dx, a[i] * soma_scale, b[i] * soma_scale, angle[i], harm_all[i]).astype(np.float32)
-        sig = soma * lvl
-        if marker == "neun":  # cytoplasm a little weaker than the nucleus
-            nuc = _nucleus_inside(dy, dx, a[i], b[i], angle[i], harm_all[i])
-            sig = np.where(nuc, lvl, 0.7 * lvl * soma)
-        elif marker in ("gfap", "iba1"):
-            phis = rng.uniform(0, 2 * math.pi) + np.arange(n_proc) * 2 * math.pi / n_proc + rng.normal(0, 0.3, n_proc)
-            width = 1.6 if marker == "gfap" else 1.0
-            rel = 0.7 if marker == "gfap" else 0.55
-            for phi in phis:
-                L = length * rng.uniform(0.7, 1.1)
-                sig = np.maximum(sig, lvl * rel * _ray(dy, dx, 0.0, 0.0, phi, L, width))
-                if marker == "iba1":  # ramified: one or two side branches per process
-                    for _ in range(int(rng.integers(1, 3))):
-                        t = L * rng.uniform(0.35, 0.75)
-                        oy, ox = t * math.sin(phi), t * math.cos(phi)
-                        sig = np.maximum(sig, lvl * rel * 0.8 * _ray(dy, dx, oy, ox, phi + rng.choice([-1, 1]) * rng.uniform(0.5, 1.0),
-                                                                    L * rng.uniform(0.3, 0.5), width * 0.9))
-        # Another cell's nucleus lies in another plane of the section: the soma and processes
-        # of this cell pass over it only faintly (some spill-over stays, as in real tissue).
-        own = canvas.labels[sl]
-        sig = np.where((own == 0) | (own == i + 1), sig, SPILLOVER * sig)
-        canvas.marker[sl] = np.maximum(canvas.marker[sl], sig)
-    for path in vessels:  # vessel walls: a tube along each path
+
+def _processes(rng, marker: str, dy, dx, sig: np.ndarray, lvl: float, n_proc: int, length: float) -> np.ndarray:
+    """``sig`` (local window) with the cell's processes added: GFAP star-shaped, IBA1 thin and
+    ramified (one or two side branches each); ``length`` px, ``lvl`` the cell's marker level."""
+    phis = rng.uniform(0, 2 * math.pi) + np.arange(n_proc) * 2 * math.pi / n_proc + rng.normal(0, 0.3, n_proc)
+    width = 1.6 if marker == "gfap" else 1.0
+    rel = 0.7 if marker == "gfap" else 0.55
+    for phi in phis:
+        L = length * rng.uniform(0.7, 1.1)
+        sig = np.maximum(sig, lvl * rel * _ray(dy, dx, 0.0, 0.0, phi, L, width))
+        if marker == "iba1":  # ramified: one or two side branches per process
+            for _ in range(int(rng.integers(1, 3))):
+                t = L * rng.uniform(0.35, 0.75)
+                oy, ox = t * math.sin(phi), t * math.cos(phi)
+                sig = np.maximum(sig, lvl * rel * 0.8 * _ray(dy, dx, oy, ox, phi + rng.choice([-1, 1]) * rng.uniform(0.5, 1.0),
+                                                            L * rng.uniform(0.3, 0.5), width * 0.9))
+    return sig
+
+
+def _paint_positive_cell(rng, canvas: _Canvas, marker: str, cells: _Cells, i: int, harm, lvl: float) -> None:
+    """Add positive cell ``i``'s marker morphology (soma, processes) to ``canvas.marker`` (max-blend);
+    over another cell's nucleus only ``SPILLOVER`` of it shows."""
+    a, b, angle = cells.a[i], cells.b[i], cells.angle[i]
+    if marker in ("gfap", "iba1"):
+        n_proc = int(rng.integers(4, 8)) if marker == "gfap" else int(rng.integers(3, 6))
+        length = cells.r[i] * (rng.uniform(2.5, 4.0) if marker == "gfap" else rng.uniform(3.0, 5.0))
+        half = int(math.ceil(length * 1.1)) + 3
+    else:
+        half = int(math.ceil(max(a, b) * 1.8)) + 2
+    w = canvas.window(cells.cy[i], cells.cx[i], half)
+    if w is None:
+        return
+    sl, dy, dx = w
+    soma_scale = {"gfap": 1.25, "iba1": 1.15, "neun": 1.6, "olig2": 0.95, "pecam": 1.1}[marker]
+    soma = _nucleus_inside(dy, dx, a * soma_scale, b * soma_scale, angle, harm).astype(np.float32)
+    sig = soma * lvl
+    if marker == "neun":  # cytoplasm a little weaker than the nucleus
+        nuc = _nucleus_inside(dy, dx, a, b, angle, harm)
+        sig = np.where(nuc, lvl, 0.7 * lvl * soma)
+    elif marker in ("gfap", "iba1"):
+        sig = _processes(rng, marker, dy, dx, sig, lvl, n_proc, length)
+    # Another cell's nucleus lies in another plane of the section: the soma and processes
+    # of this cell pass over it only faintly (some spill-over stays, as in real tissue).
+    own = canvas.labels[sl]
+    sig = np.where((own == 0) | (own == i + 1), sig, SPILLOVER * sig)
+    canvas.marker[sl] = np.maximum(canvas.marker[sl], sig)
+
+
+def _paint_vessels(rng, canvas: _Canvas, vessels: list[np.ndarray], positive: np.ndarray, P: SimParams) -> None:
+    """Add a vessel wall (a blurred tube along each path) to ``canvas.marker``; over the nuclei of
+    negative cells only ``SPILLOVER`` of it shows. ``positive``: (n,) bool."""
+    from scipy.ndimage import gaussian_filter
+
+    size = canvas.size
+    for path in vessels:
         tube = np.zeros((size, size), np.float32)
         iy = np.clip(np.round(path[:, 0]).astype(int), 0, size - 1)
         ix = np.clip(np.round(path[:, 1]).astype(int), 0, size - 1)
@@ -452,35 +507,64 @@ def render_tile(rng: np.random.Generator, marker: str, p_positive: float, size: 
         on_negative = (canvas.labels > 0) & ~np.isin(canvas.labels, np.flatnonzero(positive) + 1)
         canvas.marker = np.maximum(canvas.marker, np.where(on_negative, SPILLOVER * tube, tube))
 
+
+def _with_backgrounds(rng, canvas: _Canvas, P: SimParams) -> tuple[np.ndarray, np.ndarray]:
+    """(dapi, marker) float images (size, size) of the canvas plus their smooth backgrounds: the
+    neuropil autofluorescence of the marker channel (dimmer over nuclei) and the DAPI background."""
+    size = canvas.size
     # Neuropil autofluorescence in the marker channel; nuclei displace it (darker).
     bg = P.marker_background * np.clip(1 + 0.25 * _smooth_field(rng, size, 6.0), 0.3, None)
     bg = np.where(canvas.nuclei, 0.6 * bg, bg)
     marker_img = canvas.marker + bg
     dapi_bg = P.dapi_background * math.exp(rng.normal(0, P.background_sd))
     dapi_img = canvas.dapi + dapi_bg * np.clip(1 + 0.3 * _smooth_field(rng, size, 8.0), 0.2, None)
+    return dapi_img, marker_img
 
-    # Lipofuscin: clusters of bright granules in both channels, mostly beside nuclei.
-    n_lipo = int(rng.poisson(P.lipofuscin_per_tile))
+
+def _add_granules(rng, dapi_img: np.ndarray, marker_img: np.ndarray, ly: float, lx: float, P: SimParams) -> None:
+    """Add one lipofuscin cluster (3-8 bright round granules, radius 0.8-1.8 px) around (ly, lx) px
+    to both (size, size) images in place (DAPI at 0.7 of the marker's brightness)."""
+    size = dapi_img.shape[0]
     yy, xx = np.mgrid[0:size, 0:size]
+    for _ in range(int(rng.integers(3, 9))):
+        gy, gx = ly + rng.normal(0, 2.5), lx + rng.normal(0, 2.5)
+        gr = rng.uniform(0.8, 1.8)
+        y0, y1 = max(int(gy - 4), 0), min(int(gy + 5), size)
+        x0, x1 = max(int(gx - 4), 0), min(int(gx + 5), size)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        blob = ((yy[y0:y1, x0:x1] - gy) ** 2 + (xx[y0:y1, x0:x1] - gx) ** 2) < gr ** 2
+        amp = P.lipofuscin_intensity * rng.uniform(0.6, 1.2)
+        dapi_img[y0:y1, x0:x1] += blob * amp * 0.7
+        marker_img[y0:y1, x0:x1] += blob * amp
+
+
+def _add_lipofuscin(rng, dapi_img: np.ndarray, marker_img: np.ndarray, cells: _Cells, P: SimParams) -> int:
+    """Add Poisson(``P.lipofuscin_per_tile``) granule clusters to both images in place, most of them
+    beside a nucleus; returns how many."""
+    size = dapi_img.shape[0]
+    n, n_lipo = cells.n, int(rng.poisson(P.lipofuscin_per_tile))
     for _ in range(n_lipo):
         if n and rng.random() < 0.6:
             j = int(rng.integers(n))
             ang = rng.uniform(0, 2 * math.pi)
-            ly, lx = cy[j] + r[j] * 1.1 * math.sin(ang), cx[j] + r[j] * 1.1 * math.cos(ang)
+            ly = cells.cy[j] + cells.r[j] * 1.1 * math.sin(ang)
+            lx = cells.cx[j] + cells.r[j] * 1.1 * math.cos(ang)
         else:
             ly, lx = rng.uniform(0, size, 2)
-        for _ in range(int(rng.integers(3, 9))):
-            gy, gx = ly + rng.normal(0, 2.5), lx + rng.normal(0, 2.5)
-            gr = rng.uniform(0.8, 1.8)
-            y0, y1 = max(int(gy - 4), 0), min(int(gy + 5), size)
-            x0, x1 = max(int(gx - 4), 0), min(int(gx + 5), size)
-            if y0 >= y1 or x0 >= x1:
-                continue
-            blob = ((yy[y0:y1, x0:x1] - gy) ** 2 + (xx[y0:y1, x0:x1] - gx) ** 2) < gr ** 2
-            amp = P.lipofuscin_intensity * rng.uniform(0.6, 1.2)
-            dapi_img[y0:y1, x0:x1] += blob * amp * 0.7
-            marker_img[y0:y1, x0:x1] += blob * amp
+        _add_granules(rng, dapi_img, marker_img, ly, lx, P)
+    return n_lipo
 
+
+def _acquire(rng, dapi_img: np.ndarray, marker_img: np.ndarray, P: SimParams):
+    """The microscope: PSF or defocus blur, illumination, exposure and Poisson-Gaussian camera noise.
+
+    Returns (dapi, marker) uint16 (size, size) count images, whether the tile is out of focus,
+    and the blur sigma, px.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    size = dapi_img.shape[0]
     out_of_focus = bool(rng.random() < P.blur_fraction)
     sigma = float(rng.uniform(0.75, 1.5) * P.blur_sigma_px) if out_of_focus else 0.8
     illum = _illumination(rng, size, P.illumination)
@@ -491,9 +575,13 @@ def render_tile(rng: np.random.Generator, marker: str, p_positive: float, size: 
         counts = P.gain * rng.poisson(np.clip(img, 0, None) * photons).astype(np.float32)
         counts += rng.normal(P.offset, P.read_noise, img.shape).astype(np.float32)
         images.append(np.clip(np.round(counts), 0, 65535).astype(np.uint16))
+    return images[0], images[1], out_of_focus, sigma
 
-    # Fragments smaller than min_area_px (occluded or cut by the edge) are not annotated.
-    labels = canvas.labels
+
+def _visible_cells(labels: np.ndarray, cells: _Cells, P: SimParams) -> pd.DataFrame:
+    """Drop fragments under ``P.min_area_px`` from ``labels`` (uint16 (size, size), in place) and
+    return the cells still visible: label, positive, dim, area_px, y, x (centre, px)."""
+    n = cells.n
     area = np.bincount(labels.ravel(), minlength=n + 1)
     small = np.flatnonzero((area > 0) & (area < P.min_area_px))
     small = small[small > 0]
@@ -501,9 +589,52 @@ def render_tile(rng: np.random.Generator, marker: str, p_positive: float, size: 
         labels[np.isin(labels, small)] = 0
         area[small] = 0
     visible = np.flatnonzero(area[1:] > 0)
-    cells = pd.DataFrame({"label": visible + 1, "positive": positive[visible], "dim": dim[visible],
-                          "area_px": area[visible + 1], "y": np.round(cy[visible], 2), "x": np.round(cx[visible], 2)})
-    return {"dapi": images[0], "marker": images[1], "labels": labels, "cells": cells,
+    return pd.DataFrame({"label": visible + 1, "positive": cells.positive[visible], "dim": cells.dim[visible],
+                         "area_px": area[visible + 1], "y": np.round(cells.cy[visible], 2),
+                         "x": np.round(cells.cx[visible], 2)})
+
+
+def render_tile(rng: np.random.Generator, marker: str, p_positive: float, size: int,
+                P: SimParams, density_factor: float = 1.0) -> dict:
+    """Simulate one tile.
+
+    Parameters
+    ----------
+    rng : the tile's own generator (the cohort derives one per tile from the seed).
+    marker : one of :data:`MARKERS`; decides the morphology of positive cells.
+    p_positive : probability that a cell is marker-positive.
+    size : tile side, px.
+    P : simulator parameters.
+    density_factor : the donor's multiplier of ``P.density_per_mpx``.
+
+    Returns
+    -------
+    dict with ``dapi`` and ``marker`` (uint16, (size, size)), ``labels`` (uint16
+    instance mask, 0 = background), ``cells`` (DataFrame: label, positive, dim,
+    area_px, y, x) and ``info`` (out_of_focus, blur_sigma_px, n_lipofuscin).
+
+    Notes
+    -----
+    The steps draw from ``rng`` in this order (the cohort's bytes depend on it): cells,
+    vessels (PECAM), placement, looks, nuclei, positive cells, vessel walls, backgrounds,
+    lipofuscin, acquisition.
+    """
+    if marker not in MARKERS:
+        raise SeglabError(f"render_tile: unknown marker {marker!r}; known: {', '.join(MARKERS)}")
+    cells = _draw_cells(rng, marker, p_positive, size, P, density_factor)
+    vessels = _draw_vessels(rng, int(cells.positive.sum()), size) if marker == "pecam" else []
+    _place_cells(rng, cells, vessels, size, P)
+    harm_all, brightness, pos_level = _draw_looks(rng, cells, P)
+    canvas = _paint_nuclei(rng, cells, harm_all, brightness, size)
+    for i in np.flatnonzero(cells.positive):  # marker morphologies of positive cells
+        _paint_positive_cell(rng, canvas, marker, cells, i, harm_all[i], pos_level[i])
+    _paint_vessels(rng, canvas, vessels, cells.positive, P)
+    dapi_img, marker_img = _with_backgrounds(rng, canvas, P)
+    n_lipo = _add_lipofuscin(rng, dapi_img, marker_img, cells, P)
+    dapi, marker_counts, out_of_focus, sigma = _acquire(rng, dapi_img, marker_img, P)
+    labels = canvas.labels
+    cells_table = _visible_cells(labels, cells, P)
+    return {"dapi": dapi, "marker": marker_counts, "labels": labels, "cells": cells_table,
             "info": {"out_of_focus": out_of_focus, "blur_sigma_px": round(sigma, 3), "n_lipofuscin": n_lipo}}
 
 
@@ -588,8 +719,106 @@ def _splits_and_annotated(rng, tile_donors: list[int], K: int, P: SimParams, wid
 
 
 def _params_record(n_donors, tiles_per_marker, size_px, seed, P: SimParams) -> dict:
+    """The arguments of one cohort as stored in ``truth.json`` (``params``): what makes it this cohort."""
     return {"version": SIM_VERSION, "n_donors": int(n_donors), "tiles_per_marker": int(tiles_per_marker),
             "size_px": int(size_px), "seed": int(seed), "nuisance": P.as_dict()}
+
+
+def _check_sizes(n_donors, tiles_per_marker, size_px) -> None:
+    """SeglabError unless n_donors >= 3, tiles_per_marker >= 1 and size_px >= 64 are integers."""
+    for name, v, lo in (("n_donors", n_donors, 3), ("tiles_per_marker", tiles_per_marker, 1), ("size_px", size_px, 64)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise SeglabError(f"simulate_cohort: {name}={v!r} must be an integer >= {lo}")
+
+
+def _write_tile(tmp: Path, seed: int, job: tuple, donors: pd.DataFrame, size_px: int, P: SimParams,
+                width: int) -> tuple[dict, pd.DataFrame]:
+    """Render one tile from its own generator and write its DAPI, marker and mask TIFFs under ``tmp``.
+
+    ``job`` is (donor index, donor id, marker index, marker, tile index). Returns the tile's row of
+    ``tiles.csv`` and its cells (the columns of :func:`render_tile` plus tile_id).
+    """
+    import tifffile
+
+    di, d, mi, m, t = job
+    z = float(donors.loc[di, "latent_score"])
+    trng = np.random.default_rng([int(seed), 1, di, mi, t])
+    p = _sigmoid(_logit(P.base_fraction[m]) + P.effects[m] * z + P.tile_sd * trng.standard_normal())
+    res = render_tile(trng, m, p, size_px, P, float(donors.loc[di, "density_factor"]))
+    tid = tile_name(d, m, t, width)
+    ch = "c2" if trng.random() < P.c2_fraction else "c1"
+    opts = {"compression": "zlib", "photometric": "minisblack"}
+    tifffile.imwrite(tmp / "tiles" / f"{tid}_c0.tif", res["dapi"], **opts)
+    tifffile.imwrite(tmp / "tiles" / f"{tid}_{ch}.tif", res["marker"], **opts)
+    tifffile.imwrite(tmp / "masks" / f"{tid}.tif", res["labels"], **opts)
+    cells = res["cells"]
+    n_total, n_pos = int(len(cells)), int(cells["positive"].sum())
+    row = {"tile_id": tid, "donor": d, "marker": m, "tile": t, "marker_channel": ch,
+           "p_positive": round(p, 6), "n_total": n_total, "n_positive": n_pos, **res["info"]}
+    return row, cells.assign(tile_id=tid)
+
+
+def _write_tiles(tmp: Path, seed: int, jobs: list[tuple], donors: pd.DataFrame, size_px: int, P: SimParams,
+                 width: int, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Every tile of ``jobs`` in order (:func:`_write_tile`). Returns the tile table, the cell table
+    (tile_id, label, positive, dim, area_px, y, x) and the true counts {donor: {marker: {n_total,
+    n_positive, n_tiles}}}."""
+    tile_rows, cell_tables = [], []
+    counts: dict[int, dict[str, dict[str, int]]] = {}
+    iterator = jobs
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(jobs, desc="simulate", unit="tile")
+    for job in iterator:
+        row, cells = _write_tile(tmp, seed, job, donors, size_px, P, width)
+        c = counts.setdefault(row["donor"], {}).setdefault(row["marker"], {"n_total": 0, "n_positive": 0, "n_tiles": 0})
+        c["n_total"] += row["n_total"]
+        c["n_positive"] += row["n_positive"]
+        c["n_tiles"] += 1
+        tile_rows.append(row)
+        cell_tables.append(cells)
+    cells_all = pd.concat(cell_tables, ignore_index=True)[["tile_id", "label", "positive", "dim", "area_px", "y", "x"]]
+    return pd.DataFrame(tile_rows), cells_all, counts
+
+
+def _truth(record: dict, P: SimParams, donors: pd.DataFrame, missing: list[int], splits: dict,
+           counts: dict, tiles: pd.DataFrame, annotated: pd.DataFrame) -> dict:
+    """The content of ``truth.json``: the params, the positivity model, every marker's planted effect,
+    every donor's latent score, split and true counts, and the cohort's sizes."""
+    tile_donors = donors.loc[donors["has_tiles"], "projid"].tolist()
+    z_by = dict(zip(donors["projid"], donors["latent_score"]))
+    return {
+        "params": record, "seed": record["seed"], "version": SIM_VERSION, "markers_order": list(MARKERS),
+        "positivity": {"rule": POSITIVITY_RULE, "model": "p = sigmoid(logit(base_fraction) + effect * latent_score "
+                                                          "+ tile_sd * N(0,1)); n_positive ~ Binomial(n_cells, p)",
+                       "mask": "instance mask = nucleus; positive cells carry marker over the nucleus "
+                               "plus marker morphology outside it"},
+        "markers": {m: {"effect": float(P.effects[m]), "null": P.effects[m] == 0.0,
+                        "base_fraction": float(P.base_fraction[m])} for m in MARKERS},
+        "donors": {str(d): {"latent_score": round(float(z_by[d]), 6), "in_clinical": d not in missing,
+                            "split": next(s for s, ds in splits.items() if d in ds), "counts": counts[d]}
+                   for d in tile_donors},
+        "clinical_only_donors": {str(d): {"latent_score": round(float(z_by[d]), 6)}
+                                 for d in donors.loc[~donors["has_tiles"], "projid"]},
+        "donors_missing_from_clinical": [int(x) for x in missing],
+        "n_tiles": len(tiles), "n_annotated": len(annotated),
+        "n_c2_fallbacks": int((tiles["marker_channel"] == "c2").sum()),
+    }
+
+
+def _write_tables(tmp: Path, truth: dict, clinical: pd.DataFrame, annotated: pd.DataFrame, tiles: pd.DataFrame,
+                  cells: pd.DataFrame, splits: dict) -> None:
+    """Write truth.json, clinical.csv, annotated.csv, tiles.csv, cells.csv and donor_splits.yaml under ``tmp``."""
+    import yaml
+
+    io.write_json(tmp / "truth.json", truth)
+    clinical.to_csv(tmp / "clinical.csv", index=False)
+    annotated.to_csv(tmp / "annotated.csv", index=False)
+    tiles.to_csv(tmp / "tiles.csv", index=False)
+    cells.to_csv(tmp / "cells.csv", index=False)
+    (tmp / "donor_splits.yaml").write_text(
+        "# donor-level splits of the annotated tiles (simulated cohort)\n"
+        + yaml.safe_dump({k: [int(x) for x in v] for k, v in splits.items()}, sort_keys=False))
 
 
 def simulate_cohort(out_dir: str | os.PathLike, n_donors: int = 24, tiles_per_marker: int = 4,
@@ -612,13 +841,8 @@ def simulate_cohort(out_dir: str | os.PathLike, n_donors: int = 24, tiles_per_ma
     -------
     Path of the cohort folder.
     """
-    import tifffile
-    import yaml
-
     out_dir = Path(out_dir)
-    for name, v, lo in (("n_donors", n_donors, 3), ("tiles_per_marker", tiles_per_marker, 1), ("size_px", size_px, 64)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise SeglabError(f"simulate_cohort: {name}={v!r} must be an integer >= {lo}")
+    _check_sizes(n_donors, tiles_per_marker, size_px)
     P = SimParams.from_kwargs(**nuisance_params)
     record = _params_record(n_donors, tiles_per_marker, size_px, seed, P)
     if out_dir.exists():
@@ -635,66 +859,13 @@ def simulate_cohort(out_dir: str | os.PathLike, n_donors: int = 24, tiles_per_ma
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
     (tmp / "tiles").mkdir(parents=True)
     (tmp / "masks").mkdir()
-    tile_rows, cell_tables = [], []
-    counts: dict[int, dict[str, dict[str, int]]] = {}
     jobs = [(di, d, mi, m, t) for di, d in enumerate(tile_donors) for mi, m in enumerate(MARKERS)
             for t in range(tiles_per_marker)]
     try:
-        iterator = jobs
-        if progress:
-            from tqdm.auto import tqdm
-            iterator = tqdm(jobs, desc="simulate", unit="tile")
-        for di, d, mi, m, t in iterator:
-            z = float(donors.loc[di, "latent_score"])
-            trng = np.random.default_rng([int(seed), 1, di, mi, t])
-            p = _sigmoid(_logit(P.base_fraction[m]) + P.effects[m] * z + P.tile_sd * trng.standard_normal())
-            res = render_tile(trng, m, p, size_px, P, float(donors.loc[di, "density_factor"]))
-            tid = tile_name(d, m, t, width)
-            ch = "c2" if trng.random() < P.c2_fraction else "c1"
-            opts = {"compression": "zlib", "photometric": "minisblack"}
-            tifffile.imwrite(tmp / "tiles" / f"{tid}_c0.tif", res["dapi"], **opts)
-            tifffile.imwrite(tmp / "tiles" / f"{tid}_{ch}.tif", res["marker"], **opts)
-            tifffile.imwrite(tmp / "masks" / f"{tid}.tif", res["labels"], **opts)
-            cells = res["cells"]
-            n_total, n_pos = int(len(cells)), int(cells["positive"].sum())
-            c = counts.setdefault(d, {}).setdefault(m, {"n_total": 0, "n_positive": 0, "n_tiles": 0})
-            c["n_total"] += n_total
-            c["n_positive"] += n_pos
-            c["n_tiles"] += 1
-            tile_rows.append({"tile_id": tid, "donor": d, "marker": m, "tile": t, "marker_channel": ch,
-                              "p_positive": round(p, 6), "n_total": n_total, "n_positive": n_pos, **res["info"]})
-            cell_tables.append(cells.assign(tile_id=tid))
-
-        tiles = pd.DataFrame(tile_rows)
-        ann = set(annotated["tile_id"])
-        tiles["annotated"] = tiles["tile_id"].isin(ann)
-        cells_all = pd.concat(cell_tables, ignore_index=True)[["tile_id", "label", "positive", "dim", "area_px", "y", "x"]]
-        z_by = dict(zip(donors["projid"], donors["latent_score"]))
-        truth = {
-            "params": record, "seed": int(seed), "version": SIM_VERSION, "markers_order": list(MARKERS),
-            "positivity": {"rule": POSITIVITY_RULE, "model": "p = sigmoid(logit(base_fraction) + effect * latent_score "
-                                                              "+ tile_sd * N(0,1)); n_positive ~ Binomial(n_cells, p)",
-                           "mask": "instance mask = nucleus; positive cells carry marker over the nucleus "
-                                   "plus marker morphology outside it"},
-            "markers": {m: {"effect": float(P.effects[m]), "null": P.effects[m] == 0.0,
-                            "base_fraction": float(P.base_fraction[m])} for m in MARKERS},
-            "donors": {str(d): {"latent_score": round(float(z_by[d]), 6), "in_clinical": d not in missing,
-                                "split": next(s for s, ds in splits.items() if d in ds), "counts": counts[d]}
-                       for d in tile_donors},
-            "clinical_only_donors": {str(d): {"latent_score": round(float(z_by[d]), 6)}
-                                     for d in donors.loc[~donors["has_tiles"], "projid"]},
-            "donors_missing_from_clinical": [int(x) for x in missing],
-            "n_tiles": len(tiles), "n_annotated": len(annotated),
-            "n_c2_fallbacks": int((tiles["marker_channel"] == "c2").sum()),
-        }
-        io.write_json(tmp / "truth.json", truth)
-        clinical.to_csv(tmp / "clinical.csv", index=False)
-        annotated.to_csv(tmp / "annotated.csv", index=False)
-        tiles.to_csv(tmp / "tiles.csv", index=False)
-        cells_all.to_csv(tmp / "cells.csv", index=False)
-        (tmp / "donor_splits.yaml").write_text(
-            "# donor-level splits of the annotated tiles (simulated cohort)\n"
-            + yaml.safe_dump({k: [int(x) for x in v] for k, v in splits.items()}, sort_keys=False))
+        tiles, cells, counts = _write_tiles(tmp, seed, jobs, donors, size_px, P, width, progress)
+        tiles["annotated"] = tiles["tile_id"].isin(set(annotated["tile_id"]))
+        truth = _truth(record, P, donors, missing, splits, counts, tiles, annotated)
+        _write_tables(tmp, truth, clinical, annotated, tiles, cells, splits)
         try:
             os.rename(tmp, out_dir)  # atomic; fails if out_dir appeared meanwhile
         except OSError:
