@@ -8,7 +8,7 @@ PROFILE ?= demo
 PORT ?= 8888
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-slow lab bench report check-params help
+.PHONY: venv demo test test-slow lab bench report check-params lint sync-notebooks readme-numbers help
 
 help:
 	@echo "make demo      run every notebook of the demo profile, then print reports/index.html"
@@ -16,6 +16,9 @@ help:
 	@echo "make lab       JupyterLab on 127.0.0.1:$(PORT) (token printed)"
 	@echo "make bench     run the benchmarks in bench/ (ratios against references)"
 	@echo "make report    rebuild reports/index.html from the run manifests"
+	@echo "make lint      ruff on lib, tests, bench and the notebooks' paired scripts"
+	@echo "make sync-notebooks   bring each notebooks/NN_name.ipynb and its .py pair up to date (newer wins)"
+	@echo "make readme-numbers   rewrite README's headline-numbers table from the latest $(PROFILE) runs"
 
 # pip takes torch 2.14.1 and torchvision 0.29.1 from this machine's disk (see README, troubleshooting).
 $(STAMP): pyproject.toml
@@ -41,6 +44,17 @@ check-params: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m seglab report
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lib tests bench $(wildcard notebooks/*.py)
+
+# notebooks/jupytext.toml pairs every notebook with a percent-format script; --sync updates
+# the older file of each pair from the newer one (tests/test_notebook_pairs.py checks they agree).
+sync-notebooks: $(STAMP)
+	$(VENV)/bin/jupytext --sync notebooks/*.ipynb
+
+readme-numbers: $(STAMP)
+	$(PY) -m seglab readme-numbers --profile $(PROFILE)
 
 bench: $(STAMP)
 	@set -e; for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done

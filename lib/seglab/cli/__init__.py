@@ -17,7 +17,7 @@ from seglab import SeglabError, __version__
 from seglab.core import paths
 
 # Modules that contribute subcommands, in the order their commands are listed.
-COMMAND_MODULES = ["seglab.cli.runs", "seglab.cli.data", "seglab.cli.evaluate", "seglab.cli.slurm", "seglab.cli.models", "seglab.cli.prepare"]
+COMMAND_MODULES = ["seglab.cli.runs", "seglab.cli.data", "seglab.cli.evaluate", "seglab.cli.slurm", "seglab.cli.models", "seglab.cli.prepare", "seglab.cli.readme"]
 
 
 def build_parser() -> argparse.ArgumentParser:
