@@ -71,9 +71,9 @@ def test_shards_write_disjoint_tables(cohort, tmp_path):
     tabs = [pd.read_csv(tmp_path / f"tiles_shard-{i}-of-3.tsv", sep="\t") for i in range(3)]
     got = sum((list(t.tile) for t in tabs), [])
     assert sorted(got) == predict.list_tiles(cohort) and len(set(got)) == len(got)
-    from seglab.slurm import jobs as slurm
+    from seglab.segment import shards
 
-    assert slurm.check_shards(predict.list_tiles(cohort), slurm.read_shard_tables(tmp_path, 3)).ok
+    assert shards.check_shards(predict.list_tiles(cohort), shards.read_shard_tables(tmp_path, 3)).ok
 
 
 def test_threshold_sweep_from_saved_outputs_equals_eval(cohort, tmp_path, generalist):

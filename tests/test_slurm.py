@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from seglab.slurm import jobs as slurm
+from seglab import SeglabError
+from seglab.segment import shards
+from seglab.slurm.cluster import grid_tasks
+from seglab.slurm.commands import ACTIVE_STATES
+from seglab.slurm.script import array_ranges
+from seglab.slurm.status import status as submission_status
+from seglab.slurm.submissions import read_submission
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm-local.sh"
@@ -118,7 +124,7 @@ def wait_for(job_ids: list[str], timeout: float = 90) -> None:
     while time.monotonic() < deadline:
         proc = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%T"],
                               capture_output=True, text=True)
-        if proc.returncode == 0 and not any(s in slurm.ACTIVE_STATES for s in proc.stdout.split()):
+        if proc.returncode == 0 and not any(s in ACTIVE_STATES for s in proc.stdout.split()):
             return
         time.sleep(0.5)
     raise AssertionError(f"jobs {job_ids} still queued after {timeout} s")
@@ -135,7 +141,7 @@ def submissions(root: Path) -> list[Path]:
 
 
 def last_record(root: Path) -> dict:
-    record = slurm.read_submission(submissions(root)[-1])
+    record = read_submission(submissions(root)[-1])
     assert record is not None, f"{submissions(root)[-1]} has no complete submission.json"
     return record
 
@@ -167,23 +173,23 @@ def started_run(root: Path, experiment: str, profile: str, marker: str, timeout:
 # --------------------------------------------------------------------------- without a cluster
 
 def test_grid_tasks_are_the_product_in_key_order():
-    tasks = slurm.grid_tasks({"budget": [10, 20, 50], "repeat": [0, 1]})
+    tasks = grid_tasks({"budget": [10, 20, 50], "repeat": [0, 1]})
     assert len(tasks) == 6
     assert tasks[0] == {"budget": 10, "repeat": 0} and tasks[1] == {"budget": 10, "repeat": 1}
     assert tasks[5] == {"budget": 50, "repeat": 1}
-    assert slurm._ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and slurm._ranges([3]) == "3"
+    assert array_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and array_ranges([3]) == "3"
 
 
 def test_merge_check_finds_missing_and_doubled_tiles_on_synthetic_shards():
     tiles = [f"t{i:02d}" for i in range(10)]
     good = {s: [t for i, t in enumerate(tiles) if i % 3 == s] for s in range(3)}
-    assert slurm.check_shards(tiles, good).ok
-    assert slurm.check_shards(tiles, good).per_shard == {0: 4, 1: 3, 2: 3}
+    assert shards.check_shards(tiles, good).ok
+    assert shards.check_shards(tiles, good).per_shard == {0: 4, 1: 3, 2: 3}
     lost = {0: good[0], 1: good[1][:-1], 2: good[2]}
-    check = slurm.check_shards(tiles, lost)
+    check = shards.check_shards(tiles, lost)
     assert not check.ok and check.missing == [good[1][-1]] and not check.duplicated
     doubled = {0: good[0] + ["t01"], 1: good[1], 2: good[2] + ["zz"]}
-    check = slurm.check_shards(tiles, doubled)
+    check = shards.check_shards(tiles, doubled)
     assert check.duplicated == {"t01": [0, 1]} and check.unexpected == ["zz"] and not check.missing
 
 
@@ -244,10 +250,10 @@ def test_poll_helpers_skip_run_folders_and_submissions_not_written_yet(tmp_path)
     (base / "20260101T000000.000Z-aaaa").mkdir(parents=True)
     (base / "20260101T000000.000Z-aaaa" / "submission.json").write_text(json.dumps({"id": "a", "jobs": []}))
     (base / "20260101T000001.000Z-bbbb" / "logs").mkdir(parents=True)       # made, first sbatch not answered yet
-    assert slurm.read_submission(base / "20260101T000001.000Z-bbbb") is None
+    assert read_submission(base / "20260101T000001.000Z-bbbb") is None
     (base / "20260101T000001.000Z-bbbb" / "submission.json").write_text('{"id": "b", "jo')
-    assert slurm.read_submission(base / "20260101T000001.000Z-bbbb") is None
-    assert slurm.read_submission(base / "20260101T000000.000Z-aaaa") == {"id": "a", "jobs": []}
+    assert read_submission(base / "20260101T000001.000Z-bbbb") is None
+    assert read_submission(base / "20260101T000000.000Z-aaaa") == {"id": "a", "jobs": []}
 
 
 FAKE_SQUEUE = """#!/bin/sh
@@ -411,7 +417,7 @@ def slurm_status(root: Path) -> dict:
     from seglab.core import paths
     paths.set_root(root)
     try:
-        return slurm.status()
+        return submission_status()
     finally:
         paths.set_root(None)
 
@@ -459,8 +465,8 @@ def test_sharded_predict_merge_and_a_shard_killed_midway_resumes_with_no_tile_lo
     wait_for([predict_job["job_id"], merge_job["job_id"]], timeout=120)
     written = [t for t in shard1 if (out / f"{t}.tif").is_file()]
     assert 0 < len(written) < len(shard1), f"not killed midway: {len(written)} of {len(shard1)} masks"
-    assert not slurm.shard_complete(cohort, out, 1, 2) and slurm.shard_complete(cohort, out, 0, 2)
-    assert slurm.read_shards_check(out) is None         # the merge never ran: its parent failed
+    assert not shards.shard_complete(cohort, out, 1, 2) and shards.shard_complete(cohort, out, 0, 2)
+    assert shards.read_shards_check(out) is None         # the merge never ran: its parent failed
     status = cli(project, "status").stdout
     assert "predict[1]" in status and "shard incomplete" in status and "CANCELLED" in status
     proc = cli(project, *args)
@@ -468,10 +474,10 @@ def test_sharded_predict_merge_and_a_shard_killed_midway_resumes_with_no_tile_lo
     predict_job, merge_job = last_record(project)["jobs"]
     assert predict_job["array"]["spec"] == "1"          # shard 0 is complete: not submitted again
     wait_for([predict_job["job_id"], merge_job["job_id"]], timeout=120)
-    check = slurm.read_shards_check(out)
+    check = shards.read_shards_check(out)
     assert check["ok"] and not check["missing"] and not check["duplicated"]
     assert check["n_tiles"] == len(tiles) == 15 and check["per_shard"] == {"0": 8, "1": 7}
-    assert sorted(slurm.read_shard_tables(out, 2)[1]) == sorted(shard1)       # each tile once
+    assert sorted(shards.read_shard_tables(out, 2)[1]) == sorted(shard1)       # each tile once
     merged = (out / "tiles.tsv").read_text().splitlines()[1:]
     assert sorted(line.split("\t")[0] for line in merged) == tiles
     status = cli(project, "status").stdout
@@ -480,8 +486,8 @@ def test_sharded_predict_merge_and_a_shard_killed_midway_resumes_with_no_tile_lo
     assert "nothing to submit" in again.stdout and "all 2 shards complete" in again.stdout
     # The merge check itself fails loudly on a lost mask.
     (out / f"{shard1[0]}.tif").unlink()
-    with pytest.raises(slurm.SeglabError, match="1 missing|masks unreadable"):
-        slurm.merge_shards(cohort, out, 2, log=lambda *_: None)
+    with pytest.raises(SeglabError, match="1 missing|masks unreadable"):
+        shards.merge_shards(cohort, out, 2, log=lambda *_: None)
 
 
 # --------------------------------------------------------------------------- prepare arrays
@@ -610,7 +616,7 @@ def test_e5_shard_array_then_merge_check_then_the_notebook_which_segments_nothin
     folders = sorted(p for p in (root / "data" / "predictions").iterdir() if p.is_dir())
     assert len(folders) == 2
     for folder in folders:
-        check = slurm.read_shards_check(folder)
+        check = shards.read_shards_check(folder)
         assert check["ok"] and not check["missing"] and not check["duplicated"] and not check["unreadable_masks"]
         assert check["n_tiles"] == 15 and check["per_shard"] == {"0": 8, "1": 7}
         assert len((folder / "tiles.tsv").read_text().splitlines()) == 1 + 15

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from seglab.slurm import jobs as slurm
+from seglab.slurm.commands import ACTIVE_STATES, FAILED_STATES, parse_sacct, sacct_states
+from seglab.slurm.status import exit_text, status as submission_status
 from test_slurm import SCRIPT, cli, last_record, manifests, project, submissions, wait_for  # noqa: F401 (fixture)
 
 SAMPLES = Path(__file__).parent / "samples"   # not tests/data: .gitignore ignores every data/
@@ -52,7 +53,7 @@ def _free_ports(n: int = 4) -> int:
 # --------------------------------------------------------------------------- the parser, on captured output
 
 def test_parse_sacct_on_real_output_steps_arrays_states_and_exit_codes():
-    out = slurm.parse_sacct((SAMPLES / "sacct_sample.txt").read_text())
+    out = parse_sacct((SAMPLES / "sacct_sample.txt").read_text())
     assert not any("." in key for key in out)                     # 1.batch, 4_0.batch: steps, not jobs
     assert out["1"]["state"] == "COMPLETED" and (out["1"]["exit_code"], out["1"]["signal"]) == (0, 0)
     assert out["2"]["state"] == "FAILED" and out["2"]["exit_code"] == 3 and out["2"]["node"] == "vm"
@@ -71,18 +72,18 @@ def test_parse_sacct_on_real_output_steps_arrays_states_and_exit_codes():
     assert out["15_0"]["state"] == "RUNNING" and out["15_0"]["node"] == "vm"
     assert out["15_1"]["state"] == out["15_2"]["state"] == "PENDING" and out["15"]["state"] == "RUNNING"
     for jid, state in (("6", "TIMEOUT"), ("20", "OUT_OF_MEMORY"), ("21", "NODE_FAIL"), ("22", "PREEMPTED")):
-        assert out[jid]["state"] == state and state in slurm.FAILED_STATES
+        assert out[jid]["state"] == state and state in FAILED_STATES
     assert out["20"]["exit_code"] == 0 and out["20"]["signal"] == 125
 
 
 def test_parse_sacct_ignores_noise_and_keeps_the_last_row_of_a_requeued_job():
     text = "\n".join(["", "garbage", "30|REQUEUED|0:0|vm|None", "30|COMPLETED|0:0|vm|None",
                       "30.batch|COMPLETED|0:0|vm|", "31+0|COMPLETED|0:0|vm|None", "32|RUNNING|0:0|vm"])
-    out = slurm.parse_sacct(text)
+    out = parse_sacct(text)
     assert set(out) == {"30", "32"} and out["30"]["state"] == "COMPLETED"
     assert out["32"]["reason"] is None                                        # a short row is padded
     # A task's own row wins over the array's summary row, whatever the order.
-    out = slurm.parse_sacct("40_[0-2]|PENDING|0:0|None assigned|None\n40_0|RUNNING|0:0|vm|None\n")
+    out = parse_sacct("40_[0-2]|PENDING|0:0|None assigned|None\n40_0|RUNNING|0:0|vm|None\n")
     assert out["40_0"]["state"] == "RUNNING" and out["40_1"]["state"] == "PENDING" and len(out["40"]["tasks"]) == 3
 
 
@@ -92,17 +93,17 @@ def test_sacct_without_a_database_is_none_with_the_reason(tmp_path, monkeypatch)
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     why: list[str] = []
-    assert slurm.sacct_states(["5"], why=why) is None
+    assert sacct_states(["5"], why=why) is None
     assert why == ["Slurm accounting storage is disabled"]
 
 
 def test_status_row_exit_text():
-    assert slurm._exit_text({"state": "FAILED", "exit_code": 3, "signal": 0}) == " exit 3"
-    assert slurm._exit_text({"state": "FAILED", "exit_code": 0, "signal": 9}) == " signal 9"
-    assert slurm._exit_text({"state": "RUNNING", "exit_code": 0, "signal": 0}) == ""
-    assert slurm._exit_text({"state": "COMPLETED", "exit_code": None, "signal": None}) == ""
-    assert slurm._exit_text({"state": "CANCELLED", "exit_code": 0, "signal": 0}) == ""
-    assert slurm._exit_text({"state": "COMPLETED", "exit_code": 0, "signal": 0}) == " exit 0"
+    assert exit_text({"state": "FAILED", "exit_code": 3, "signal": 0}) == " exit 3"
+    assert exit_text({"state": "FAILED", "exit_code": 0, "signal": 9}) == " signal 9"
+    assert exit_text({"state": "RUNNING", "exit_code": 0, "signal": 0}) == ""
+    assert exit_text({"state": "COMPLETED", "exit_code": None, "signal": None}) == ""
+    assert exit_text({"state": "CANCELLED", "exit_code": 0, "signal": 0}) == ""
+    assert exit_text({"state": "COMPLETED", "exit_code": 0, "signal": 0}) == " exit 0"
 
 
 # --------------------------------------------------------------------------- on the local cluster with accounting
@@ -158,8 +159,8 @@ def _accounted(job_ids: list[str], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     acct = None
     while time.monotonic() < deadline:
-        acct = slurm.sacct_states(job_ids)
-        if acct is not None and all(j in acct and acct[j]["state"] not in slurm.ACTIVE_STATES for j in job_ids):
+        acct = sacct_states(job_ids)
+        if acct is not None and all(j in acct and acct[j]["state"] not in ACTIVE_STATES for j in job_ids):
             return
         time.sleep(0.5)
     raise AssertionError(f"sacct has no final state of {job_ids} {timeout} s after they ended: {acct}")
@@ -262,6 +263,6 @@ def _status_of(root: Path, sub_id: str) -> dict:
     from seglab.core import paths
     paths.set_root(root)
     try:
-        return slurm.status(sub_id)
+        return submission_status(sub_id)
     finally:
         paths.set_root(None)

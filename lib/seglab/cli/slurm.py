@@ -12,54 +12,61 @@ def _command_line() -> str:
 
 
 def cmd_submit(args) -> int:
-    from seglab.slurm import jobs as slurm
-    cluster = slurm.load_cluster(args.cluster)
-    plan = slurm.plan_chain(args.profile, [args.experiment], cluster, force=args.force,
-                            grid_override=slurm.parse_grid(args.array), upstream=False)
-    slurm.submit(plan, cluster, _command_line(), dry_run=args.dry_run)
+    from seglab.slurm.cluster import load_cluster, parse_grid
+    from seglab.slurm.plan import plan_chain
+    from seglab.slurm.submit import submit
+    cluster = load_cluster(args.cluster)
+    plan = plan_chain(args.profile, [args.experiment], cluster, force=args.force,
+                      grid_override=parse_grid(args.array), upstream=False)
+    submit(plan, cluster, _command_line(), dry_run=args.dry_run)
     return 0
 
 
 def cmd_submit_all(args) -> int:
-    from seglab.slurm import jobs as slurm
-    cluster = slurm.load_cluster(args.cluster)
-    plan = slurm.plan_chain(args.profile, args.only, cluster, force=args.force)
-    slurm.submit(plan, cluster, _command_line(), dry_run=args.dry_run)
+    from seglab.slurm.cluster import load_cluster
+    from seglab.slurm.plan import plan_chain
+    from seglab.slurm.submit import submit
+    cluster = load_cluster(args.cluster)
+    plan = plan_chain(args.profile, args.only, cluster, force=args.force)
+    submit(plan, cluster, _command_line(), dry_run=args.dry_run)
     return 0
 
 
 def cmd_submit_predict(args) -> int:
-    from seglab.slurm import jobs as slurm
-    cluster = slurm.load_cluster(args.cluster)
-    plan = slurm.plan_predict(args.model, args.tiles, args.out, args.shards, cluster,
-                              extra_args=args.predict_args, force=args.force)
-    slurm.submit(plan, cluster, _command_line(), dry_run=args.dry_run)
+    from seglab.slurm.cluster import load_cluster
+    from seglab.slurm.plan import plan_predict
+    from seglab.slurm.submit import submit
+    cluster = load_cluster(args.cluster)
+    plan = plan_predict(args.model, args.tiles, args.out, args.shards, cluster,
+                        extra_args=args.predict_args, force=args.force)
+    submit(plan, cluster, _command_line(), dry_run=args.dry_run)
     return 0
 
 
 def cmd_status(args) -> int:
-    from seglab.slurm import jobs as slurm
-    result = slurm.status(args.submission)
-    print(slurm.format_status(result))
+    from seglab.slurm.commands import FAILED_STATES, scancel
+    from seglab.slurm.status import format_status, status
+    result = status(args.submission)
+    print(format_status(result))
     if args.cancel_orphans:
         orphans = [r["job_id"] for r in result["rows"]
                    if r["state"] == "PENDING" and (r["reason"] or "").startswith("DependencyNeverSatisfied")]
         if orphans:
-            slurm.scancel(orphans)
+            scancel(orphans)
             print(f"[seglab] cancelled {', '.join(orphans)}: a job they wait on failed")
-    bad = [r for r in result["rows"] if r["state"] in slurm.FAILED_STATES or r["run_status"] in ("failed", "interrupted")]
+    bad = [r for r in result["rows"] if r["state"] in FAILED_STATES or r["run_status"] in ("failed", "interrupted")]
     return 1 if bad and args.fail_on_error else 0
 
 
 def cmd_cancel_dependants(args) -> int:
-    from seglab.slurm import jobs as slurm
-    slurm.cancel_dependants(args.job_id)
+    from seglab.slurm.status import cancel_dependants
+    cancel_dependants(args.job_id)
     return 0
 
 
 def cmd_merge_shards(args) -> int:
-    from seglab.slurm import jobs as slurm
-    slurm.merge_shards(args.tiles, args.out, args.shards)
+    from seglab.segment.shards import merge_shards
+    merge_shards(args.tiles, args.out, args.shards)
     return 0
 
 

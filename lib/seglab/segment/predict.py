@@ -134,7 +134,7 @@ def parse_shard(shard: str | tuple | None) -> tuple[int, int]:
 
 
 def shard_slice(items: Sequence, shard) -> list:
-    """The items of shard I of N: indices I, I+N, ... (the same split as seglab.slurm.jobs.shard_of)."""
+    """The items of shard I of N: indices I, I+N, ... (the same split as seglab.segment.shards.shard_of)."""
     i, n = parse_shard(shard)
     return [x for k, x in enumerate(items) if k % n == i]
 

@@ -196,7 +196,7 @@ def _e5_shards(params: dict) -> tuple[int, list[int]]:
 
 def _e5_items(params: dict) -> list[Item]:
     from seglab.experiments import cohort_inference as ci
-    from seglab.slurm import jobs as slurm
+    from seglab.segment import shards as sharding
 
     n, shards = _e5_shards(params)
     tiles_dir = paths.resolve(params["cohort_dir"]) / "tiles"
@@ -217,7 +217,7 @@ def _e5_items(params: dict) -> list[Item]:
     for name, spec_of in _e5_models(params).items():
         for i in shards:
             def done(name=name, spec_of=spec_of, i=i) -> bool:
-                return slurm.shard_complete(tiles_dir, folder(name, spec_of), i, n)
+                return sharding.shard_complete(tiles_dir, folder(name, spec_of), i, n)
 
             def run(log, name=name, spec_of=spec_of, i=i):
                 # exactly the notebook's call, for one shard
@@ -247,7 +247,7 @@ def check(experiment: str, params: dict, log: Callable = print) -> dict:
     from seglab.experiments import cohort_inference as ci
     from seglab.core import io
     from seglab.segment import predict
-    from seglab.slurm import jobs as slurm
+    from seglab.segment import shards as sharding
 
     name = _name(experiment)
     if name != "05_downstream":
@@ -256,22 +256,22 @@ def check(experiment: str, params: dict, log: Callable = print) -> dict:
     tiles_dir = paths.resolve(params["cohort_dir"]) / "tiles"
     settings = ci.inference_settings(params)
     all_tiles = predict.list_tiles(tiles_dir)
-    wanted = [t for k, t in enumerate(all_tiles) if slurm.shard_of(k, n) in shards]
+    wanted = [t for k, t in enumerate(all_tiles) if sharding.shard_of(k, n) in shards]
     out, problems = {}, []
     for model, spec_of in _e5_models(params).items():
         folder = ci.prediction_dir(spec_of(), tiles_dir, settings, root=params["predictions_dir"])
         if shards == list(range(n)):
             try:
-                c = slurm.merge_shards(tiles_dir, folder, n, log=log)
+                c = sharding.merge_shards(tiles_dir, folder, n, log=log)
                 out[model] = {**c.__dict__, "ok": True, "folder": str(folder)}
             except SeglabError as exc:
                 problems.append(f"{model}: {exc}")
             continue
-        tables = {i: t for i, t in slurm.read_shard_tables(folder, n).items() if i in shards} if folder.is_dir() \
+        tables = {i: t for i, t in sharding.read_shard_tables(folder, n).items() if i in shards} if folder.is_dir() \
             else {i: [] for i in shards}
-        c = slurm.check_shards(wanted, tables)
+        c = sharding.check_shards(wanted, tables)
         listed = {t for names in tables.values() for t in names}
-        broken = sorted(t for t in listed & set(wanted) if not slurm._mask_ok(folder / f"{t}.tif"))
+        broken = sorted(t for t in listed & set(wanted) if not sharding.mask_ok(folder / f"{t}.tif"))
         record = {**c.__dict__, "ok": c.ok and not broken, "unreadable_masks": broken, "shards": shards,
                   "folder": str(folder), "checked": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         if folder.is_dir():

@@ -58,7 +58,7 @@ TRACKED_PACKAGES = ("seglab", "cellpose", "torch", "torchvision", "numpy", "scip
 SLURM_ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID",
              "array_task_id": "SLURM_ARRAY_TASK_ID", "node": "SLURMD_NODENAME",
              "partition": "SLURM_JOB_PARTITION", "log": "SEGLAB_SLURM_LOG",
-             # set by the scripts `seglab submit` renders (seglab.slurm.jobs): the rendered sbatch
+             # set by the scripts `seglab submit` renders (seglab.slurm.script): the rendered sbatch
              # script, its submission folder, and how often Slurm requeued the job
              "script": "SEGLAB_SLURM_SCRIPT", "submission": "SEGLAB_SUBMISSION",
              "restart_count": "SLURM_RESTART_COUNT"}
