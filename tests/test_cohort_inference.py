@@ -10,7 +10,9 @@ import pytest
 
 from seglab import SeglabError
 from seglab.experiments import cohort_inference as ci
-from seglab.downstream import analysis as ds
+from seglab.downstream.correlate import analyse
+from seglab.downstream.features import tile_table
+from seglab.downstream.synthetic import synthetic_tile_table
 
 SETTINGS = {"diameter_px": None, "flow_threshold": 0.4, "cellprob_threshold": 0.0, "min_size": 5}
 
@@ -147,8 +149,8 @@ def test_mask_loader_feeds_tile_table(tiles, tmp_path):
     manifest = pd.DataFrame({"tile_id": list(counts), "donor": [1, 1, 2, 2], "marker": "gfap"})
     import tifffile
 
-    t = ds.tile_table(manifest, load_mask=ci.mask_loader(p.folder),
-                      load_marker=lambda r: tifffile.imread(d / f"{r['tile_id']}.tif")[1])
+    t = tile_table(manifest, load_mask=ci.mask_loader(p.folder),
+                   load_marker=lambda r: tifffile.imread(d / f"{r['tile_id']}.tif")[1])
     assert dict(zip(t["tile_id"], t["n_total_cells"])) == counts
     with pytest.raises(SeglabError, match="no predicted mask for tile nope"):
         ci.mask_loader(p.folder)({"tile_id": "nope"})
@@ -197,11 +199,11 @@ def test_planted_recovery_counts_signs_recoveries_and_false_positives():
 def test_planted_recovery_on_a_synthetic_cohort_with_the_downstream_engine():
     """End to end on synthetic tables: strong planted effects are recovered, the null marker is not."""
     effects = {"gfap": 1.2, "neun": -1.0, "olig2": 0.0}
-    tiles, clin = ds.synthetic_tile_table(n_donors=40, tiles_per_donor=4, markers=effects, outcomes=["o1", "o2"],
-                                          seed=3, outcome_noise=0.3, missing_frac=0.0, cells_per_tile=150)
+    tiles, clin = synthetic_tile_table(n_donors=40, tiles_per_donor=4, markers=effects, outcomes=["o1", "o2"],
+                                       seed=3, outcome_noise=0.3, missing_frac=0.0, cells_per_tile=150)
     clin["o2"] = -clin["o2"]  # an outcome that falls as the latent score rises (like ceradsc)
     truth = _truth(effects, dict(zip(clin["projid"], clin["latent_score"])))
-    a = ds.analyse(tiles, clin, ["o1", "o2"], B=0)
+    a = analyse(tiles, clin, ["o1", "o2"], B=0)
     per, pm = ci.planted_recovery({"truth": a.correlations}, truth, clin, reference=None)
     row = pm.iloc[0]
     assert row["n_planted_tests"] == 4 and row["recovered"] == 1.0 and row["false_positives"] == 0

@@ -11,7 +11,9 @@ from seglab.data import manifest as data
 from seglab.experiments import efficiency
 from seglab.evaluate import metrics
 from seglab.segment import models
-from seglab.experiments import study
+from seglab.data import splitset
+from seglab.segment import finetuning
+from seglab.evaluate import scoring
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,11 +39,11 @@ def _disk(shape, cy, cx, r, label, out=None):
 # ---- shared helpers ---------------------------------------------------------------------
 
 def test_tile_ids_hash_is_order_free_and_set_sensitive():
-    assert efficiency.tile_ids_hash(["b", "a", "c"]) == efficiency.tile_ids_hash(["c", "a", "b"])
-    assert efficiency.tile_ids_hash(["a", "b"]) != efficiency.tile_ids_hash(["a", "c"])
-    assert len(efficiency.tile_ids_hash(["a"])) == 16
+    assert scoring.tile_ids_hash(["b", "a", "c"]) == scoring.tile_ids_hash(["c", "a", "b"])
+    assert scoring.tile_ids_hash(["a", "b"]) != scoring.tile_ids_hash(["a", "c"])
+    assert len(scoring.tile_ids_hash(["a"])) == 16
     with pytest.raises(SeglabError, match="no tile ids"):
-        efficiency.tile_ids_hash([])
+        scoring.tile_ids_hash([])
 
 
 def test_scores_from_per_image_pool_counts_and_spread():
@@ -55,7 +57,7 @@ def test_scores_from_per_image_pool_counts_and_spread():
     empty = np.zeros((64, 64), np.int32)
     ev = metrics.evaluate({"a": (a, a.copy()), "b": (b_true, b_pred), "e": (empty, empty)},
                           thresholds=(0.5, 0.75))
-    s = efficiency.scores_from_per_image(ev.per_image, 0.5)
+    s = scoring.scores_from_per_image(ev.per_image, 0.5)
     assert (s["tp"], s["fp"], s["fn"]) == (3, 1, 1)
     assert s["ap_pooled"] == pytest.approx(3 / 5)
     assert s["precision"] == pytest.approx(3 / 4) and s["recall"] == pytest.approx(3 / 4)
@@ -68,21 +70,21 @@ def test_scores_from_per_image_pool_counts_and_spread():
     pooled = ev.pooled[np.isclose(ev.pooled["threshold"], 0.5)].iloc[0]
     assert s["ap_pooled"] == pytest.approx(pooled["ap"])
     with pytest.raises(SeglabError, match="0.9 was not evaluated"):
-        efficiency.scores_from_per_image(ev.per_image, 0.9)
+        scoring.scores_from_per_image(ev.per_image, 0.9)
     with pytest.raises(SeglabError, match="lacks columns"):
-        efficiency.scores_from_per_image(pd.DataFrame({"threshold": [0.5]}), 0.5)
+        scoring.scores_from_per_image(pd.DataFrame({"threshold": [0.5]}), 0.5)
 
 
 def test_split_subset_keeps_rows_images_and_masks_aligned(manifest):
-    val = study.annotated_split(manifest, "train")
+    val = splitset.annotated_split(manifest, "train")
     m = sorted(val.rows["marker"].unique())[0]
-    sub = efficiency.split_subset(val, [m])
+    sub = splitset.split_subset(val, [m])
     assert set(sub.rows["marker"]) == {m} and len(sub) == len(sub.images) == len(sub.masks) > 0
     for name, img in zip(sub.names, sub.images):
         i = val.names.index(name)
         assert img is val.images[i]
     with pytest.raises(SeglabError, match="no tiles of marker"):
-        efficiency.split_subset(val, ["nope"])
+        splitset.split_subset(val, ["nope"])
 
 
 # ---- E2 ---------------------------------------------------------------------------------
@@ -99,24 +101,24 @@ def test_check_budgets_fails_before_training(manifest):
 def test_curve_summary_and_plateau():
     runs = pd.DataFrame({"budget": [2, 2, 5, 5, 10, 10, 20, 20],
                          "ap_pooled": [0.2, 0.4, 0.5, 0.6, 0.62, 0.66, 0.63, 0.67]})
-    s = efficiency.curve_summary(runs, "ap_pooled")
+    s = scoring.curve_summary(runs, "ap_pooled")
     assert list(s["budget"]) == [2, 5, 10, 20] and list(s["n_repeats"]) == [2, 2, 2, 2]
     assert s.loc[0, "mean"] == pytest.approx(0.3) and s.loc[0, "sd"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
     assert (s.loc[0, "min"], s.loc[0, "max"]) == (0.2, 0.4)
     # best mean 0.65 (budget 20); within 0.02 -> 10 (0.64); within 0.1 -> 5 (0.55); within 0 -> 20
-    assert efficiency.plateau_budget(s, 0.02) == 10
-    assert efficiency.plateau_budget(s, 0.1) == 5
-    assert efficiency.plateau_budget(s, 0.0) == 20
-    one = efficiency.curve_summary(runs.iloc[[0]], "ap_pooled")
+    assert scoring.plateau_budget(s, 0.02) == 10
+    assert scoring.plateau_budget(s, 0.1) == 5
+    assert scoring.plateau_budget(s, 0.0) == 20
+    one = scoring.curve_summary(runs.iloc[[0]], "ap_pooled")
     assert one.loc[0, "sd"] == 0.0
     with pytest.raises(SeglabError, match="tolerance"):
-        efficiency.plateau_budget(s, -0.1)
+        scoring.plateau_budget(s, -0.1)
     with pytest.raises(SeglabError, match="need columns"):
-        efficiency.curve_summary(runs, "ap_mean")
+        scoring.curve_summary(runs, "ap_mean")
 
 
 def test_label_budget_runs_train_score_and_reuse(cohort, manifest, tmp_path):
-    val = study.annotated_split(manifest, "val")
+    val = splitset.annotated_split(manifest, "val")
     cache = str(tmp_path / "models")
     kw = dict(train_params=TP, val=val, cache_dir=cache, log=None)
     # without rescoring, training scores each model on validation and the notebook reads it back
@@ -127,7 +129,7 @@ def test_label_budget_runs_train_score_and_reuse(cohort, manifest, tmp_path):
     for _, r in quick.iterrows():
         side = models.read_sidecar(r["model"])
         assert side["variant"] == "label_budget" and side["budget"] == r["budget"]
-        assert r["train_tiles_hash"] == efficiency.tile_ids_hash(side["train_tiles"] + side["dropped_tiles"])
+        assert r["train_tiles_hash"] == scoring.tile_ids_hash(side["train_tiles"] + side["dropped_tiles"])
         assert 0 <= r["ap_pooled"] <= 1 and r["n_images"] == len(val)
     # the same grid again trains nothing; rescoring segments every validation tile (two workers) and
     # gives the same pooled AP as training's own pass
@@ -140,13 +142,13 @@ def test_label_budget_runs_train_score_and_reuse(cohort, manifest, tmp_path):
     fresh, _ = efficiency.label_budget_runs("tiny-xs", str(cohort), [1], 1, **{**kw, "cache_dir": str(tmp_path / "m2")})
     assert "val_ap50_pooled" not in (models.read_sidecar(fresh.loc[0, "model"]).get("metrics") or {})
     with pytest.raises(SeglabError, match="no validation AP"):
-        efficiency.sidecar_val_scores(fresh.loc[0, "model"])
+        finetuning.sidecar_val_scores(fresh.loc[0, "model"])
     fig = efficiency.plot_learning_curve(runs, {"ap_pooled": "val AP", "ap_mean": "val AP (mean)"},
                                          references={"ap_pooled": {"baseline": 0.1, "all tiles": 0.5}},
                                          plateau={"ap_pooled": 2}, tolerance=0.02)
     assert efficiency.label_budget_jobs("g", "c", [4, 12], 2, train_params=TP)[1] == dict(
         base="g", cohort_dir="c", variant="label_budget", train_params=TP, budget=4, budget_seed=1,
-        cache_dir=study.MODEL_CACHE, validate=True)
+        cache_dir=finetuning.MODEL_CACHE, validate=True)
     assert len(fig.axes) == 2
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert any("plateau: 2 tiles" in lb for lb in labels) and any(lb.startswith("baseline") for lb in labels)
@@ -174,7 +176,7 @@ def test_lomo_finetune_evaluate_and_gap(cohort, manifest, tmp_path):
         side = models.read_sidecar(r["model"])
         assert side["variant"] == "leave_one_marker_out" and side["markers"] == [r["marker"]]
         assert side["train_tiles"] and all(marker_of[t] != r["marker"] for t in side["train_tiles"])
-    test = study.annotated_split(manifest, "test")
+    test = splitset.annotated_split(manifest, "test")
     calls = []
     table, per = efficiency.evaluate_lomo(lomo, {"baseline": "tiny-xs"}, test,
                                           before=lambda name, cfg: calls.append((name, cfg["iou"])))
@@ -186,11 +188,11 @@ def test_lomo_finetune_evaluate_and_gap(cohort, manifest, tmp_path):
         row = table[(table["marker"] == m) & (table["model"] == "lomo")].iloc[0]
         assert row["n_images"] == n
         assert set(per.loc[per["model"] == "lomo", "marker"]) <= set(markers)
-    gaps = efficiency.gap_table(table, reference="baseline")
+    gaps = scoring.gap_table(table, reference="baseline")
     assert list(gaps.columns) == ["marker", "ap_pooled_baseline", "ap_pooled_lomo", "gap_baseline_minus_lomo"]
     assert np.allclose(gaps["gap_baseline_minus_lomo"], gaps["ap_pooled_baseline"] - gaps["ap_pooled_lomo"])
     with pytest.raises(SeglabError, match="no rows for model 'generic'"):
-        efficiency.gap_table(table)
+        scoring.gap_table(table)
     fig = efficiency.plot_marker_bars(table, per, models_order=["baseline", "lomo"])
     assert len(fig.axes[0].patches) == 2 * len(markers)
 
@@ -199,14 +201,14 @@ def test_cached_model_names_the_folder_finetune_writes_and_parallel_jobs_fill_it
     cache = str(tmp_path / "models")
     jobs = [dict(base="tiny-xs", cohort_dir=str(cohort), variant="label_budget", train_params=TP, budget=2,
                  budget_seed=s, cache_dir=cache) for s in (0, 1)]
-    assert efficiency.cached_model(**jobs[0]) is None
-    par = efficiency.finetune_many(jobs, n_jobs=2, log=None)
+    assert finetuning.cached_model(**jobs[0]) is None
+    par = finetuning.finetune_many(jobs, n_jobs=2, log=None)
     assert [r["cached"] for r in par] == [False, False]
     for job, r in zip(jobs, par):
-        assert efficiency.cached_model(**job) == r["path"]
-        # study.finetune itself reuses exactly that folder
-        assert study.finetune(**job, log=lambda m: None) == r["path"]
-    again = efficiency.finetune_many(jobs, n_jobs=2, log=None)
+        assert finetuning.cached_model(**job) == r["path"]
+        # finetuning.finetune itself reuses exactly that folder
+        assert finetuning.finetune(**job, log=lambda m: None) == r["path"]
+    again = finetuning.finetune_many(jobs, n_jobs=2, log=None)
     assert [r["cached"] for r in again] == [True, True] and [r["path"] for r in again] == [r["path"] for r in par]
     with pytest.raises(SeglabError, match="n_jobs"):
-        efficiency.finetune_many(jobs, n_jobs=0)
+        finetuning.finetune_many(jobs, n_jobs=0)

@@ -143,8 +143,8 @@ class _Thing:
 
 def test_label_dtype_switches_to_uint32():
     big = np.arange(70_000, dtype=np.int64).reshape(350, 200)
-    assert models._as_label_dtype(big).dtype == np.uint32
-    assert models._as_label_dtype(big % 1000).dtype == np.uint16
+    assert models.as_label_dtype(big).dtype == np.uint32
+    assert models.as_label_dtype(big % 1000).dtype == np.uint16
 
 
 def test_generalist_asset_on_held_out_dsb(dsb_dir):

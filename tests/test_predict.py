@@ -10,6 +10,7 @@ import tifffile
 from seglab import SeglabError
 from seglab.segment import models
 from seglab.segment import predict
+from seglab.segment import dynamics
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,16 +82,16 @@ def test_threshold_sweep_from_saved_outputs_equals_eval(cohort, tmp_path, genera
                     diameter_px=13)
     tile = predict.discover_tiles(cohort)[0]
     x = tile.load()
-    outs = predict.load_outputs(tmp_path / "outputs" / f"{tile.tile_id}.npz")
+    outs = dynamics.load_outputs(tmp_path / "outputs" / f"{tile.tile_id}.npz")
     n_found = 0
     for ft, ct, ms in [(0.4, 0.0, 15), (0.0, -1.0, 5), (0.8, 1.0, 30), (0.2, 0.5, 15)]:
         want = generalist.segment(x, diameter_px=13, flow_threshold=ft, cellprob_threshold=ct, min_size=ms)
-        got = predict.masks_from_outputs(outs, flow_threshold=ft, cellprob_threshold=ct, min_size=ms)
+        got = dynamics.masks_from_outputs(outs, flow_threshold=ft, cellprob_threshold=ct, min_size=ms)
         assert np.array_equal(want, got)
         n_found += int(want.max())
     assert n_found > 0
     with pytest.raises(SeglabError, match="lack"):
-        predict.masks_from_outputs({"dP": outs["dP"]})
+        dynamics.masks_from_outputs({"dP": outs["dP"]})
 
 
 def test_bad_tiles_are_clear_errors(tmp_path):

@@ -20,6 +20,7 @@ from seglab.core import paths
 from seglab.workflow import prepare
 from seglab.experiments import study
 from seglab.config.params import load_params
+from seglab.segment import finetuning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,7 +64,7 @@ def test_items_are_the_notebooks_own_fine_tunes_and_shards_in_a_fixed_order(proj
     assert [it.label for it in items] == ["budget=1 repeat=0", "budget=1 repeat=1", "budget=2 repeat=0",
                                          "budget=2 repeat=1", "reference=finetuned_generic"]
     assert [it.index for it in items] == [0, 1, 2, 3, 4]
-    tp = study.train_params(p2)
+    tp = finetuning.train_params(p2)
     assert [it.args for it in items[:4]] == efficiency.label_budget_jobs("tiny-xs", str(small_cohort), [1, 2], 2,
                                                                          train_params=tp)
     # the same generic model in 01, 02 and 06: one key, so one array trains it
@@ -93,9 +94,9 @@ def test_cli_lists_runs_one_item_skips_it_when_done_and_refuses_bad_indices(proj
     ran = cli(project, "prepare", "02", "--profile", "tiny", "--task", "1")
     assert ran.returncode == 0, ran.stderr
     assert "item 1 (budget=2 repeat=0): running" in ran.stdout and "done in" in ran.stdout
-    folder = study.model_dir(**{k: v for k, v in prepare.work_items("02_label_efficiency", params_of(
+    folder = finetuning.model_dir(**{k: v for k, v in prepare.work_items("02_label_efficiency", params_of(
         "02_label_efficiency"))[1].args.items() if k != "validate"})   # validate: not part of the cache key
-    assert study.finished_model(folder) is not None          # in the cache the notebook reads
+    assert finetuning.finished_model(folder) is not None          # in the cache the notebook reads
     listed = cli(project, "prepare", "02", "--profile", "tiny", "--list").stdout
     assert "1 done, 2 to do" in listed and "   1  done  budget=2 repeat=0" in listed
     again = cli(project, "prepare", "02", "--profile", "tiny", env={"SLURM_ARRAY_TASK_ID": "1"})  # as an array task
@@ -127,7 +128,7 @@ def test_e5_shards_fill_the_notebooks_prediction_folders_and_the_merge_check_cat
     assert set(checked) == {"baseline", "finetuned"} and all(c["ok"] for c in checked.values())
     # the notebook's own call (every shard, in one process) finds every tile done and segments none
     tiles_dir = paths.resolve(p5["cohort_dir"]) / "tiles"
-    generic = efficiency.cached_model(**prepare.work_items("01_baseline_vs_finetune",
+    generic = finetuning.cached_model(**prepare.work_items("01_baseline_vs_finetune",
                                                             params_of("01_baseline_vs_finetune"))[0].args)
     for spec in ("tiny-xs", str(generic)):
         pred = ci.predict_cohort(spec, tiles_dir, ci.inference_settings(p5), root=p5["predictions_dir"],

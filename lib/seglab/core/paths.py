@@ -71,3 +71,9 @@ def figures_dir() -> Path:
 def data_dir() -> Path:
     """Generated data (simulated cohorts, predictions); git-ignored."""
     return project_root() / "data"
+
+
+def relative(path: str | os.PathLike) -> str:
+    """``path`` relative to the project root when it lies inside it (for logs and records), else as given."""
+    p, root = Path(path), project_root()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)

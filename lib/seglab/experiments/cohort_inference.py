@@ -4,7 +4,7 @@ The chain of notebook 05_downstream, one function per arrow::
 
     model + tiles + inference settings  --prediction_dir-->   data/predictions/<model>-<settings+tiles>/
     the same                            --predict_cohort-->   masks <tile>.tif + per-tile table (resumable)
-    prediction folder                   --mask_loader-->      load_mask(row) for downstream.tile_table
+    prediction folder                   --mask_loader-->      load_mask(row) for downstream.features.tile_table
     correlations of each model + truth.json --planted_recovery--> per test and per model: sign, q, rho vs truth
 
 Where the predictions live
@@ -54,7 +54,7 @@ import pandas as pd
 
 from seglab import SeglabError
 from seglab.core import io
-from seglab.core import paths
+from seglab.core import paths, workers
 
 PREDICTIONS_DIR = "data/predictions"
 RECORD = "prediction.json"
@@ -170,16 +170,11 @@ class CohortPrediction:
         return self.n_predicted / self.wall_s if self.n_predicted and self.wall_s > 0 else math.nan
 
     def summary(self) -> dict:
-        return {"model": self.name, "folder": _rel(self.folder), "n_tiles": self.n_tiles,
+        return {"model": self.name, "folder": paths.relative(self.folder), "n_tiles": self.n_tiles,
                 "n_predicted": self.n_predicted, "n_reused": self.n_reused, "wall_s": round(self.wall_s, 2),
                 "tiles_per_s": round(self.tiles_per_s, 3) if self.n_predicted else None,
                 "model_sha256": self.record.get("model_sha256"), "n_cells": int(self.table["n_cells"].sum())}
 
-
-def _rel(p: Path) -> str:
-    root = paths.project_root()
-    p = Path(p)
-    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
 
 
 def _check_record(folder: Path, record: dict) -> None:
@@ -264,7 +259,7 @@ def predict_cohort(model, tiles_dir, settings: Mapping, *, name: str | None = No
     folder = paths.resolve(root) / prediction_key(mh, settings, th)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"format": PREDICT_FORMAT, "model_spec": spec, "model_sha256": mh, "settings": settings,
-              "tiles_dir": _rel(paths.resolve(tiles_dir)), "tiles_sha256": th, "n_tiles": n_tiles}
+              "tiles_dir": paths.relative(paths.resolve(tiles_dir)), "tiles_sha256": th, "n_tiles": n_tiles}
     if spec not in (models.CPSAM_NAMES + ("generalist", "classical")) and Path(spec).is_file():
         try:
             record["model_sidecar"] = {k: v for k, v in models.read_sidecar(spec).items()
@@ -284,25 +279,23 @@ def predict_cohort(model, tiles_dir, settings: Mapping, *, name: str | None = No
     if int(n_jobs) < 1:
         raise SeglabError(f"n_jobs={n_jobs}: need at least 1 (shards segmented at once)")
     if missing_before:
-        log(f"[cohort_inference] {name or spec}: {len(missing_before)} of {len(ids)} tiles to segment -> {_rel(folder)}")
+        log(f"[cohort_inference] {name or spec}: {len(missing_before)} of {len(ids)} tiles to segment -> {paths.relative(folder)}")
         shard_kw = dict(tiles_dir=str(tiles_dir), out_dir=str(folder), n_shards=int(n_shards), diameter_px=diameter,
                         flow_threshold=settings["flow_threshold"], cellprob_threshold=settings["cellprob_threshold"],
                         min_size=settings["min_size"], batch_tiles=batch_tiles, batch_size=batch_size)
         # a shard is done when its table and every mask are there (predict writes the table last)
         todo = [i for i in shards if not (folder / f"tiles_shard-{i}-of-{n_shards}.tsv").is_file()
                 or any(not (folder / f"{tid}.tif").is_file() for tid in predict.shard_slice(all_ids, (i, n_shards)))]
-        workers = min(int(n_jobs), len(todo))
-        if workers > 1 and isinstance(model, (str, os.PathLike)):
-            from seglab.experiments import study
-
-            with study.worker_pool(workers, threads_per_job, _worker_load_model, (spec, gpu)) as pool:
+        n_workers = min(int(n_jobs), len(todo))
+        if n_workers > 1 and isinstance(model, (str, os.PathLike)):
+            with workers.worker_pool(n_workers, threads_per_job, _worker_load_model, (spec, gpu)) as pool:
                 list(pool.map(_worker_predict_shard, [dict(shard_kw, shard=i) for i in todo]))
         else:
             loaded = models.load(model, gpu=gpu) if isinstance(model, (str, os.PathLike)) else model
             for i in todo:
                 _predict_shard(loaded, shard=i, progress=progress, **shard_kw)
     else:
-        log(f"[cohort_inference] {name or spec}: all {len(ids)} tiles already in {_rel(folder)} (reused)")
+        log(f"[cohort_inference] {name or spec}: all {len(ids)} tiles already in {paths.relative(folder)} (reused)")
     table = collect_table(folder, ids)
     n_pred = sum(1 for tid in missing_before if (folder / f"{tid}.tif").is_file())
     return CohortPrediction(name=name or spec, folder=folder, table=table, record=record, n_predicted=n_pred,
@@ -335,7 +328,7 @@ def _worker_predict_shard(kwargs: dict) -> int:
 
 
 def mask_loader(folder) -> Callable[[pd.Series], np.ndarray]:
-    """``load_mask(row)`` for :func:`seglab.downstream.analysis.tile_table`: reads ``<folder>/<tile_id>.tif``."""
+    """``load_mask(row)`` for :func:`seglab.downstream.features.tile_table`: reads ``<folder>/<tile_id>.tif``."""
     import tifffile
 
     folder = Path(folder)
@@ -380,7 +373,7 @@ def count_agreement(tables: Mapping[str, pd.DataFrame], truth: str = "truth") ->
 def latent_scores(truth: Mapping) -> pd.Series:
     """Every donor's latent score from ``truth.json`` (donors with tiles and clinical-only donors),
     indexed by normalised donor id text."""
-    from seglab.downstream.analysis import normalise_id
+    from seglab.downstream.cohort import normalise_id
 
     z = {normalise_id(d): float(r["latent_score"]) for d, r in truth.get("donors", {}).items()}
     z.update({normalise_id(d): float(r["latent_score"]) for d, r in truth.get("clinical_only_donors", {}).items()})
@@ -394,10 +387,10 @@ def outcome_directions(clinical: pd.DataFrame, truth: Mapping, outcomes: Sequenc
     """Sign (+1 / -1) of each outcome's Spearman correlation with the latent score over the donors."""
     from scipy.stats import spearmanr
 
-    from seglab.downstream.analysis import _norm_ids
+    from seglab.downstream.cohort import normalise_ids
 
     z = latent_scores(truth)
-    ids = _norm_ids(clinical[donor_col])
+    ids = normalise_ids(clinical[donor_col])
     zz = pd.Series(ids).map(z).to_numpy(float)
     out = {}
     for o in outcomes:

@@ -1,9 +1,9 @@
 """Label efficiency (E2) and leave-one-marker-out generalisation (E6): the loops behind notebooks 02 and 06.
 
-Both experiments fine-tune many models through :func:`seglab.experiments.study.finetune`
+Both experiments fine-tune many models through :func:`seglab.segment.finetuning.finetune`
 (content-addressed cache under ``data/models/``, so a rerun with the same
 inputs trains nothing) and score them with the same per-image matching as
-every other notebook (:func:`seglab.experiments.study.evaluate_masks`).
+every other notebook (:func:`seglab.evaluate.scoring.evaluate_masks`).
 
 - E2: :func:`check_budgets`, :func:`label_budget_jobs`, :func:`label_budget_runs` (budgets x repeats,
   scored on validation), :func:`curve_summary`, :func:`plateau_budget`,
@@ -12,7 +12,7 @@ every other notebook (:func:`seglab.experiments.study.evaluate_masks`).
   :func:`plot_marker_bars`.
 - Shared: :func:`finetune_many` (cache first, then parallel worker processes),
   :func:`cached_model`, :func:`tile_ids_hash`, :func:`scores_from_per_image`,
-  :func:`evaluate_model`, :func:`split_subset`.
+  :func:`evaluate_model`, :func:`splitset.split_subset`.
 
 Scores at one IoU threshold (0.5 in the study) are reported two ways:
 ``ap_pooled`` (tp / (tp + fp + fn) over the summed counts of all images) and
@@ -24,7 +24,6 @@ as in :func:`seglab.evaluate.metrics.evaluate`.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -35,83 +34,15 @@ import pandas as pd
 from seglab import SeglabError
 from seglab.segment import models
 from seglab.core import paths
-from seglab.experiments import study
-
-SCORE_COLUMNS = ("ap_pooled", "ap_mean", "ap_sd", "ap_min", "ap_max", "precision", "recall", "f1",
-                 "tp", "fp", "fn", "n_true", "n_pred", "n_images")
+from seglab.data import splitset
+from seglab.segment import output_cache
+from seglab.segment import finetuning
+from seglab.evaluate import scoring
 
 
 # --------------------------------------------------------------------------------------
 # shared helpers
 # --------------------------------------------------------------------------------------
-
-def tile_ids_hash(ids: Sequence[str], length: int = 16) -> str:
-    """A short, order-free fingerprint of a set of tile ids (sha256 of the sorted ids, hex).
-
-    Two runs trained on the same tiles have the same hash, whichever order the
-    ids came in; the table of E2 carries it so that repeats drawing the same
-    subset are visible at a glance.
-
-    >>> tile_ids_hash(["b", "a"]) == tile_ids_hash(["a", "b"])
-    True
-    """
-    ids = sorted(str(i) for i in ids)
-    if not ids:
-        raise SeglabError("tile_ids_hash: no tile ids given")
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:length]
-
-
-def scores_from_per_image(per_image: pd.DataFrame, iou: float = 0.5) -> dict:
-    """Pooled and per-image summaries at one IoU threshold from ``Evaluation.per_image`` rows.
-
-    Parameters
-    ----------
-    per_image : DataFrame
-        Rows of :attr:`seglab.evaluate.metrics.Evaluation.per_image` (columns threshold,
-        tp, fp, fn, n_true, n_pred, ap, precision, recall, f1, both_empty), any subset of images.
-    iou : float
-        The IoU threshold whose rows are summarised (must have been evaluated).
-
-    Returns
-    -------
-    dict with ``SCORE_COLUMNS``: ``ap_pooled``, ``precision``, ``recall``,
-    ``f1`` from the summed counts; ``ap_mean``, ``ap_sd`` (ddof=1; 0 for one
-    image), ``ap_min``, ``ap_max`` across images; the summed counts; ``n_images``.
-    """
-    need = ["threshold", "tp", "fp", "fn", "n_true", "n_pred", "ap"]
-    missing = [c for c in need if c not in per_image.columns]
-    if missing:
-        raise SeglabError(f"scores_from_per_image: per_image lacks columns {missing}; pass Evaluation.per_image")
-    sub = per_image[np.isclose(per_image["threshold"].to_numpy(float), iou)]
-    if sub.empty:
-        raise SeglabError(f"scores_from_per_image: IoU threshold {iou} was not evaluated "
-                          f"(have {sorted(per_image['threshold'].unique())})")
-    tp, fp, fn = (int(sub[c].sum()) for c in ("tp", "fp", "fn"))
-    scored = sub[~sub["both_empty"].astype(bool)] if "both_empty" in sub.columns else sub
-    ap = scored["ap"].to_numpy(float)
-    return {
-        "ap_pooled": tp / (tp + fp + fn) if tp + fp + fn else 0.0,
-        "ap_mean": float(ap.mean()) if len(ap) else float("nan"),
-        "ap_sd": float(ap.std(ddof=1)) if len(ap) > 1 else 0.0,
-        "ap_min": float(ap.min()) if len(ap) else float("nan"),
-        "ap_max": float(ap.max()) if len(ap) else float("nan"),
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "recall": tp / (tp + fn) if tp + fn else 0.0,
-        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
-        "tp": tp, "fp": fp, "fn": fn, "n_true": int(sub["n_true"].sum()), "n_pred": int(sub["n_pred"].sum()),
-        "n_images": int(len(sub)),
-    }
-
-
-def split_subset(split: study.SplitSet, markers: Sequence[str]) -> study.SplitSet:
-    """The tiles of ``split`` whose marker is in ``markers`` (no reloading from disk)."""
-    markers = [str(m) for m in markers]
-    keep = [i for i, m in enumerate(split.rows["marker"]) if str(m) in markers]
-    if not keep:
-        raise SeglabError(f"split '{split.split}' has no tiles of marker(s) {markers} "
-                          f"(markers there: {sorted(split.rows['marker'].unique())})")
-    return study.SplitSet(split=split.split, rows=split.rows.iloc[keep].reset_index(drop=True),
-                          images=[split.images[i] for i in keep], masks=[split.masks[i] for i in keep])
 
 
 def _diameter(diameter_px):
@@ -120,18 +51,18 @@ def _diameter(diameter_px):
     return "default" if diameter_px is None else diameter_px
 
 
-def evaluate_model(model, split: study.SplitSet, *, diameter_px=None, flow_threshold: float = 0.4,
+def evaluate_model(model, split: splitset.SplitSet, *, diameter_px=None, flow_threshold: float = 0.4,
                    cellprob_threshold: float = 0.0, min_size: int = 15, iou: float = 0.5, cached: bool = False):
     """Segment every tile of ``split`` once with ``model`` and score it at ``iou``.
 
     Parameters
     ----------
     model : a ``seglab.segment.models.Model`` or a spec / checkpoint path for ``models.load``.
-    split : the tiles (see :func:`seglab.experiments.study.annotated_split`).
+    split : the tiles (see :func:`seglab.data.splitset.annotated_split`).
     diameter_px : object diameter in px; None = the model's default.
     flow_threshold, cellprob_threshold, min_size : cellpose's mask settings.
     cached : take the network outputs from (and put them into) the cache of
-        :func:`seglab.experiments.study.segment_cached`, so a pass another notebook made on the
+        :func:`seglab.segment.output_cache.segment_cached`, so a pass another notebook made on the
         same tiles with the same weights is reused.
 
     Returns
@@ -141,104 +72,12 @@ def evaluate_model(model, split: study.SplitSet, *, diameter_px=None, flow_thres
     """
     if not isinstance(model, models.Model):
         model = models.load(model)
-    segment = study.segment_cached if cached else study.segment_split
+    segment = output_cache.segment_cached if cached else output_cache.segment_split
     extra = {"log": lambda *a: None} if cached else {}
     masks, _ = segment(model, split, diameter_px=_diameter(diameter_px), flow_threshold=flow_threshold,
                        cellprob_threshold=cellprob_threshold, min_size=min_size, **extra)
-    ev = study.evaluate_masks(split, masks, thresholds=(iou,))
-    return scores_from_per_image(ev.per_image, iou), ev.per_image, masks
-
-
-def _rel(path: Path) -> str:
-    path = Path(path)
-    root = paths.project_root()
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-
-
-def _finetune_logged(log, **kwargs) -> tuple[Path, bool, float]:
-    """study.finetune, plus whether it reused a cached model and how long it took (s)."""
-    said: list[str] = []
-
-    def capture(msg):
-        said.append(str(msg))
-        if log is not None:
-            log(msg)
-
-    t0 = time.monotonic()
-    path = study.finetune(log=capture, **kwargs)
-    return Path(path), any("reusing" in m for m in said), round(time.monotonic() - t0, 1)
-
-
-def cached_model(base: str, cohort_dir: str, variant: str = "generic", *, train_params: dict,
-                 markers: Sequence[str] | None = None, budget: int | None = None, budget_seed: int = 0,
-                 cache_dir: str = study.MODEL_CACHE, validate: bool = True) -> Path | None:
-    """The finished checkpoint :func:`seglab.experiments.study.finetune` would reuse for these arguments, or None,
-    without training anything, so that a batch of fine-tunes can skip starting worker
-    processes when every model is cached. (``validate`` is accepted and ignored: it is not part
-    of the cache key.)"""
-    return study.finished_model(study.model_dir(base, cohort_dir, variant, train_params=train_params,
-                                                markers=markers, budget=budget, budget_seed=budget_seed,
-                                                cache_dir=cache_dir))
-
-
-def _worker_finetune(job: dict) -> tuple[str, bool, float]:
-    path, cached, fit_s = _finetune_logged(None, **job)
-    return str(path), cached, fit_s
-
-
-def finetune_many(jobs: Sequence[dict], *, n_jobs: int = 1, threads_per_job: int | None = 1,
-                  log: Callable | None = print) -> list[dict]:
-    """Run :func:`seglab.experiments.study.finetune` for each job (a dict of its keyword arguments), ``n_jobs`` at a time.
-
-    Cached models are picked up first, in this process. The rest train in
-    ``n_jobs`` worker processes (spawned; each with ``threads_per_job`` torch
-    threads): tiny nets on a small CPU train faster as two one-thread
-    processes than as one two-thread process. With ``n_jobs`` 1 they train here,
-    one after the other (the choice on a GPU). Results do not depend on
-    ``n_jobs``: each model is its own seeded, deterministic training run.
-
-    Returns
-    -------
-    list of {"path": Path, "cached": bool, "fit_s": float}, in the order of ``jobs``.
-    """
-    from concurrent.futures import as_completed
-
-    if int(n_jobs) < 1:
-        raise SeglabError(f"n_jobs={n_jobs}: need at least 1 (parallel fine-tunes)")
-    results: list = [None] * len(jobs)
-    todo = []
-    for i, job in enumerate(jobs):
-        found = cached_model(**job)
-        if found is not None:
-            results[i] = {"path": found, "cached": True, "fit_s": 0.0}
-            if log is not None:
-                log(f"[study] {job.get('variant', 'generic')}: reusing {_rel(found.parent)}")
-        else:
-            todo.append(i)
-    if int(n_jobs) == 1 or len(todo) <= 1:
-        for i in todo:
-            path, cached, fit_s = _finetune_logged(log, **jobs[i])
-            results[i] = {"path": path, "cached": cached, "fit_s": fit_s}
-        return results
-    if log is not None:
-        log(f"[efficiency] fine-tuning {len(todo)} models, {min(int(n_jobs), len(todo))} at a time")
-    with study.worker_pool(min(int(n_jobs), len(todo)), threads_per_job) as pool:
-        futures = {pool.submit(_worker_finetune, dict(jobs[i])): i for i in todo}
-        for f in as_completed(futures):
-            i = futures[f]
-            path, cached, fit_s = f.result()
-            results[i] = {"path": Path(path), "cached": cached, "fit_s": fit_s}
-            if log is not None:
-                job = jobs[i]
-                what = ", ".join(f"{k} {job[k]}" for k in ("markers", "budget", "budget_seed") if job.get(k) is not None)
-                log(f"[efficiency] {job.get('variant', 'generic')} ({what}) trained in {fit_s} s -> {_rel(Path(path).parent)}")
-    return results
-
-
-def _trained_on(path: Path) -> tuple[list[str], list[str]]:
-    """(tile ids the checkpoint was trained on, tile ids dropped for too few objects), from its sidecar."""
-    side = models.read_sidecar(path)
-    return [str(t) for t in side.get("train_tiles") or []], [str(t) for t in side.get("dropped_tiles") or []]
+    ev = scoring.evaluate_masks(split, masks, thresholds=(iou,))
+    return scoring.scores_from_per_image(ev.per_image, iou), ev.per_image, masks
 
 
 # --------------------------------------------------------------------------------------
@@ -266,15 +105,9 @@ def check_budgets(manifest: pd.DataFrame, budgets: Sequence[int], repeats: int) 
     return budgets
 
 
-def reference_job(base: str, cohort_dir: str, *, train_params: dict, cache_dir: str = study.MODEL_CACHE) -> dict:
-    """The :func:`seglab.experiments.study.finetune` arguments of the full-data generic model, the reference of
-    E2 and E6 (the same cache entry as E1's generic model and E5's fine-tuned one)."""
-    return dict(base=base, cohort_dir=cohort_dir, variant="generic", train_params=train_params, cache_dir=cache_dir)
-
-
 def label_budget_jobs(base: str, cohort_dir: str, budgets: Sequence[int], repeats: int, *, train_params: dict,
-                      cache_dir: str = study.MODEL_CACHE, validate: bool = True) -> list[dict]:
-    """The :func:`seglab.experiments.study.finetune` arguments of every (budget, repeat), budget-major
+                      cache_dir: str = finetuning.MODEL_CACHE, validate: bool = True) -> list[dict]:
+    """The :func:`seglab.segment.finetuning.finetune` arguments of every (budget, repeat), budget-major
     (for :func:`finetune_many`, e.g. together with the generic model). ``validate``: training
     scores its final weights on validation (what ``rescore=False`` reads back)."""
     return [dict(base=base, cohort_dir=cohort_dir, variant="label_budget", train_params=train_params, budget=int(b),
@@ -283,9 +116,9 @@ def label_budget_jobs(base: str, cohort_dir: str, budgets: Sequence[int], repeat
 
 
 def label_budget_runs(base: str, cohort_dir: str, budgets: Sequence[int], repeats: int, *, train_params: dict,
-                      val: study.SplitSet, diameter_px=None, flow_threshold: float = 0.4,
+                      val: splitset.SplitSet, diameter_px=None, flow_threshold: float = 0.4,
                       cellprob_threshold: float = 0.0, min_size: int = 15, iou: float = 0.5,
-                      rescore: bool = True, cache_dir: str = study.MODEL_CACHE, n_jobs: int = 1,
+                      rescore: bool = True, cache_dir: str = finetuning.MODEL_CACHE, n_jobs: int = 1,
                       threads_per_job: int | None = 1, log: Callable | None = print) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fine-tune ``base`` on ``budget`` random training tiles, ``repeats`` draws each; score on ``val``.
 
@@ -313,13 +146,13 @@ def label_budget_runs(base: str, cohort_dir: str, budgets: Sequence[int], repeat
     grid = [(j["budget"], j["budget_seed"]) for j in jobs]
     if not rescore:  # before any training: the stored validation AP must mean what the caller asks
         _check_default_settings(diameter_px, flow_threshold, cellprob_threshold, min_size, iou)
-    fits = finetune_many(jobs, n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)
+    fits = finetuning.finetune_many(jobs, n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)
     if rescore:  # the network passes n_jobs at a time, into the output cache evaluate_model reads
-        study.segment_cached_many([dict(model=str(f["path"]), split=val, diameter_px=_diameter(diameter_px))
+        output_cache.segment_cached_many([dict(model=str(f["path"]), split=val, diameter_px=_diameter(diameter_px))
                                    for f in fits], n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)
     rows, per = [], []
     for (b, r), fit in zip(grid, fits):
-        ids, dropped = _trained_on(fit["path"])
+        ids, dropped = finetuning.trained_on(fit["path"])
         t0 = time.monotonic()
         if rescore:
             scores, pi, _ = evaluate_model(fit["path"], val, diameter_px=diameter_px, flow_threshold=flow_threshold,
@@ -327,11 +160,11 @@ def label_budget_runs(base: str, cohort_dir: str, budgets: Sequence[int], repeat
                                            cached=True)
             per.append(pi.assign(budget=b, budget_seed=r))
         else:
-            scores = sidecar_val_scores(fit["path"], n_expected=len(val))
+            scores = finetuning.sidecar_val_scores(fit["path"], n_expected=len(val))
         eval_s = round(time.monotonic() - t0, 1)
         rows.append({"budget": b, "budget_seed": r, "n_train_tiles": len(ids),
-                     "n_dropped_tiles": len(dropped), "train_tiles_hash": tile_ids_hash(ids + dropped),
-                     "train_tile_ids": ";".join(sorted(ids + dropped)), "model": _rel(fit["path"]),
+                     "n_dropped_tiles": len(dropped), "train_tiles_hash": scoring.tile_ids_hash(ids + dropped),
+                     "train_tile_ids": ";".join(sorted(ids + dropped)), "model": paths.relative(fit["path"]),
                      "cached": fit["cached"], "fit_s": fit["fit_s"], "eval_s": eval_s, **scores})
         if log is not None:
             log(f"[E2] budget {b} repeat {r}: val AP@{iou:g} pooled {scores['ap_pooled']:.3f}, "
@@ -350,56 +183,6 @@ def _check_default_settings(diameter_px, flow_threshold, cellprob_threshold, min
 
 # what seglab.segment.train.fit's closing validation pass uses (train.evaluate_ap50 -> Model.segment defaults)
 TRAIN_VAL_SETTINGS = {"diameter_px": None, "flow_threshold": 0.4, "cellprob_threshold": 0.0, "min_size": 15, "iou": 0.5}
-
-
-def sidecar_val_scores(path: Path, n_expected: int | None = None) -> dict:
-    """The validation AP@0.5 that ``seglab.segment.train.fit`` computed at the end of training (its sidecar).
-
-    fit scores the final weights on the run's validation tiles with the model's
-    default settings (``TRAIN_VAL_SETTINGS``); reading it back saves a second
-    pass over the validation tiles. Only ``ap_pooled``, ``ap_mean`` and
-    ``n_images`` are known (and the counts ``tp``/``fp``/``fn`` where stored); the rest is NaN.
-    """
-    m = (models.read_sidecar(path).get("metrics") or {})
-    if "val_ap50_pooled" not in m:
-        raise SeglabError(f"{path}: its sidecar has no validation AP (trained without validation tiles?); "
-                          "rescore the models (rescore_per_image: true)")
-    n = int(m.get("val_n_images", 0))
-    if n_expected is not None and n != n_expected:
-        raise SeglabError(f"{path}: training scored {n} validation tiles, the notebook's validation split has "
-                          f"{n_expected}; rescore the models (rescore_per_image: true)")
-    out = {k: float("nan") for k in SCORE_COLUMNS}
-    out.update(ap_pooled=float(m["val_ap50_pooled"]), ap_mean=float(m["val_ap50_mean"]), n_images=n)
-    return out
-
-
-def curve_summary(runs: pd.DataFrame, metric: str = "ap_pooled") -> pd.DataFrame:
-    """Per budget: n_repeats, mean, sd (ddof=1; 0 for one repeat), min, max of ``metric`` across repeats."""
-    if metric not in runs.columns or "budget" not in runs.columns:
-        raise SeglabError(f"curve_summary: runs need columns budget and {metric} (have {list(runs.columns)})")
-    g = runs.groupby("budget")[metric]
-    out = pd.DataFrame({"n_repeats": g.size(), "mean": g.mean(), "sd": g.std(ddof=1).fillna(0.0),
-                        "min": g.min(), "max": g.max()}).reset_index()
-    out.insert(1, "metric", metric)
-    return out
-
-
-def plateau_budget(summary: pd.DataFrame, tolerance: float) -> int:
-    """The smallest budget whose mean is within ``tolerance`` of the best mean over budgets.
-
-    This is the study's definition of the plateau: annotating more tiles than
-    this buys at most ``tolerance`` (in AP) on validation.
-
-    >>> plateau_budget(pd.DataFrame({"budget": [2, 5, 10], "mean": [0.3, 0.58, 0.6]}), 0.05)
-    5
-    """
-    if tolerance < 0:
-        raise SeglabError(f"plateau tolerance {tolerance} must be >= 0 (AP units)")
-    if summary.empty:
-        raise SeglabError("plateau_budget: empty summary")
-    s = summary.sort_values("budget")
-    best = s["mean"].max()
-    return int(s.loc[s["mean"] >= best - tolerance - 1e-12, "budget"].iloc[0])
 
 
 def plot_learning_curve(runs: pd.DataFrame, metrics: Mapping[str, str], *, references: Mapping[str, Mapping[str, float]] | None = None,
@@ -426,7 +209,7 @@ def plot_learning_curve(runs: pd.DataFrame, metrics: Mapping[str, str], *, refer
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     styles = [("tab:gray", "--"), ("tab:green", ":"), ("tab:purple", "-.")]
     for ax, (col, label) in zip(axes, metrics.items()):
-        s = curve_summary(runs, col)
+        s = scoring.curve_summary(runs, col)
         x = s["budget"].to_numpy(float)
         ax.fill_between(x, s["min"], s["max"], color="tab:blue", alpha=0.15, lw=0, label="min-max over repeats")
         ax.errorbar(x, s["mean"], yerr=s["sd"], color="tab:blue", marker="o", capsize=3,
@@ -478,8 +261,8 @@ def lomo_markers(manifest: pd.DataFrame, markers: Sequence[str] | None = None) -
 
 
 def lomo_jobs(base: str, cohort_dir: str, markers: Sequence[str], *, train_params: dict,
-              cache_dir: str = study.MODEL_CACHE) -> list[dict]:
-    """The :func:`seglab.experiments.study.finetune` arguments of each held-out marker's model (for :func:`finetune_many`).
+              cache_dir: str = finetuning.MODEL_CACHE) -> list[dict]:
+    """The :func:`seglab.segment.finetuning.finetune` arguments of each held-out marker's model (for :func:`finetune_many`).
 
     E6 scores these models on the held-out marker's tiles only, so training skips its final
     validation pass (over the other markers' validation tiles)."""
@@ -488,7 +271,7 @@ def lomo_jobs(base: str, cohort_dir: str, markers: Sequence[str], *, train_param
 
 
 def finetune_lomo(base: str, cohort_dir: str, markers: Sequence[str], *, train_params: dict,
-                  cache_dir: str = study.MODEL_CACHE, n_jobs: int = 1, threads_per_job: int | None = 1,
+                  cache_dir: str = finetuning.MODEL_CACHE, n_jobs: int = 1, threads_per_job: int | None = 1,
                   log: Callable | None = print) -> pd.DataFrame:
     """Fine-tune ``base`` once per marker with that marker's tiles left out (train and validation).
 
@@ -502,20 +285,20 @@ def finetune_lomo(base: str, cohort_dir: str, markers: Sequence[str], *, train_p
     marker_of = dict(zip(manifest["tile_id"].astype(str), manifest["marker"].astype(str)))
     jobs = lomo_jobs(base, cohort_dir, markers, train_params=train_params, cache_dir=cache_dir)
     rows = []
-    for m, fit in zip(markers, finetune_many(jobs, n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)):
+    for m, fit in zip(markers, finetuning.finetune_many(jobs, n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)):
         path = fit["path"]
-        ids, dropped = _trained_on(path)
+        ids, dropped = finetuning.trained_on(path)
         leaked = [t for t in ids if marker_of.get(t) == m]
         if leaked:
             raise SeglabError(f"leave-one-marker-out model {path} was trained on {len(leaked)} tiles of the held-out "
                               f"marker {m} (e.g. {leaked[0]}); delete the folder and rerun")
-        rows.append({"marker": m, "model": _rel(path), "n_train_tiles": len(ids), "n_dropped_tiles": len(dropped),
-                     "train_tiles_hash": tile_ids_hash(ids + dropped), "cached": fit["cached"],
+        rows.append({"marker": m, "model": paths.relative(path), "n_train_tiles": len(ids), "n_dropped_tiles": len(dropped),
+                     "train_tiles_hash": scoring.tile_ids_hash(ids + dropped), "cached": fit["cached"],
                      "fit_s": fit["fit_s"]})
     return pd.DataFrame(rows)
 
 
-def evaluate_lomo(lomo: pd.DataFrame, references: Mapping[str, object], split: study.SplitSet, *,
+def evaluate_lomo(lomo: pd.DataFrame, references: Mapping[str, object], split: splitset.SplitSet, *,
                   diameter_px=None, flow_threshold: float = 0.4, cellprob_threshold: float = 0.0,
                   min_size: int = 15, iou: float = 0.5,
                   before: Callable[[str, dict], object] | None = None, n_jobs: int = 1,
@@ -531,8 +314,8 @@ def evaluate_lomo(lomo: pd.DataFrame, references: Mapping[str, object], split: s
     before : called as ``before(name, config)`` right before each model's tiles
         are scored, e.g. ``run.record_test_evaluation`` for the test split.
     n_jobs, threads_per_job : network passes run at once in worker processes
-        (:func:`seglab.experiments.study.segment_cached_many`). The outputs go through the cache of
-        :func:`seglab.experiments.study.segment_cached`, so the references reuse notebook 01's
+        (:func:`seglab.segment.output_cache.segment_cached_many`). The outputs go through the cache of
+        :func:`seglab.segment.output_cache.segment_cached`, so the references reuse notebook 01's
         passes over the same tiles.
 
     Returns
@@ -542,13 +325,13 @@ def evaluate_lomo(lomo: pd.DataFrame, references: Mapping[str, object], split: s
     per_image : ``Evaluation.per_image`` rows with a ``model`` column.
     """
     markers = list(lomo["marker"])
-    held = split_subset(split, markers)
+    held = splitset.split_subset(split, markers)
     settings = {"diameter_px": diameter_px, "flow_threshold": flow_threshold,
                 "cellprob_threshold": cellprob_threshold, "min_size": min_size, "iou": iou}
-    subs = {str(r["marker"]): split_subset(held, [r["marker"]]) for _, r in lomo.iterrows()}
+    subs = {str(r["marker"]): splitset.split_subset(held, [r["marker"]]) for _, r in lomo.iterrows()}
     pass_kw = dict(diameter_px=_diameter(diameter_px), flow_threshold=flow_threshold,
                    cellprob_threshold=cellprob_threshold, min_size=min_size)
-    study.segment_cached_many(
+    output_cache.segment_cached_many(
         [dict(model=str(paths.resolve(r["model"])), split=subs[str(r["marker"])], **pass_kw) for _, r in lomo.iterrows()]
         + [dict(model=str(spec) if isinstance(spec, Path) else spec, split=held, **pass_kw)
            for spec in references.values()], n_jobs=n_jobs, threads_per_job=threads_per_job, log=None)
@@ -567,24 +350,8 @@ def evaluate_lomo(lomo: pd.DataFrame, references: Mapping[str, object], split: s
         _, pi, _ = evaluate_model(str(spec) if isinstance(spec, Path) else spec, held, **settings, cached=True)
         per.append(pi.assign(model=name))
         for m in markers:
-            rows.append({"marker": m, "model": name, **scores_from_per_image(pi[pi["marker"] == m], iou)})
+            rows.append({"marker": m, "model": name, **scoring.scores_from_per_image(pi[pi["marker"] == m], iou)})
     return pd.DataFrame(rows), pd.concat(per, ignore_index=True)
-
-
-def gap_table(table: pd.DataFrame, metric: str = "ap_pooled", reference: str = "generic",
-              other: str = "lomo") -> pd.DataFrame:
-    """One row per marker: ``metric`` of each model side by side and ``gap = reference - other``.
-
-    A positive gap is what the held-out marker costs: the model that saw it
-    in training does better on it than the one that did not.
-    """
-    wide = table.pivot(index="marker", columns="model", values=metric)
-    for need in (reference, other):
-        if need not in wide.columns:
-            raise SeglabError(f"gap_table: no rows for model '{need}' (have {list(wide.columns)})")
-    wide.columns = [f"{metric}_{c}" for c in wide.columns]
-    wide[f"gap_{reference}_minus_{other}"] = wide[f"{metric}_{reference}"] - wide[f"{metric}_{other}"]
-    return wide.reset_index()
 
 
 def plot_marker_bars(table: pd.DataFrame, per_image: pd.DataFrame | None = None, *, metric: str = "ap_pooled",

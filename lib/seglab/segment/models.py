@@ -66,12 +66,6 @@ GENERALIST_PATH = ASSETS_DIR / "generalist_tiny.pt"
 # the tiny residual U-Net
 # --------------------------------------------------------------------------------------
 
-def _torch():
-    import torch  # deferred: importing torch + cellpose costs seconds
-
-    return torch
-
-
 def build_tiny_net(nbase: Sequence[int] = TINY_PRESETS[TINY_DEFAULT_PRESET], *, seed: int = 0,
                    diam_mean_px: float = CELLPOSE_REF_DIAMETER_PX, device=None):
     """A residual U-Net that cellpose 4 drives like its CPSAM network.
@@ -91,7 +85,8 @@ def build_tiny_net(nbase: Sequence[int] = TINY_PRESETS[TINY_DEFAULT_PRESET], *, 
     TinyUNet (a ``cellpose.vit.BaseModel``): ``forward(x)`` maps ``(B, 3, Y, X)``
     to ``((B, 3, Y, X) [flowY, flowX, cellprob logits], (B, 256) zeros)``.
     """
-    torch = _torch()
+    import torch  # deferred: importing torch + cellpose costs seconds
+
     cls = _tiny_class()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -109,7 +104,8 @@ def _tiny_class():
     global _TINY_CLASS
     if _TINY_CLASS is not None:
         return _TINY_CLASS
-    torch = _torch()
+    import torch  # deferred: importing torch + cellpose costs seconds
+
     from torch import nn
     import torch.nn.functional as F
     from cellpose.vit import BaseModel
@@ -342,7 +338,7 @@ class Model:
         kwargs = dict(diameter=diam, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
                       min_size=min_size, batch_size=batch_size, bsize=self.bsize,
                       tile_overlap=float(tile_overlap), augment=bool(augment))
-        with _quiet_cellpose():
+        with quiet_cellpose():
             if n == 1:
                 m, flows, _ = self.cp.eval(x[0], channel_axis=0, **kwargs)
                 ms, dPs, cps = [m], [flows[1]], [flows[2]]
@@ -355,17 +351,17 @@ class Model:
         niter = int(200 / rescale)  # what eval used (resample=True)
         outs = [{"dP": np.ascontiguousarray(dp, np.float32), "cellprob": np.ascontiguousarray(cp, np.float32),
                  "niter": niter} for dp, cp in zip(dPs, cps)]
-        return [_as_label_dtype(mm) for mm in ms], outs
+        return [as_label_dtype(mm) for mm in ms], outs
 
 
-def _as_label_dtype(mask: np.ndarray) -> np.ndarray:
+def as_label_dtype(mask: np.ndarray) -> np.ndarray:
     """uint16 labels, uint32 when more than 65,535 objects."""
     mask = np.asarray(mask)
     top = int(mask.max()) if mask.size else 0
     return mask.astype(np.uint32 if top > 65535 else np.uint16, copy=False)
 
 
-class _quiet_cellpose:
+class quiet_cellpose:
     """Silence cellpose's per-call INFO/WARNING chatter (e.g. the 'stitch_threshold=0' note)."""
 
     def __enter__(self):
@@ -430,7 +426,7 @@ def classical_segment(image: np.ndarray, *, diameter_px: float | None = None, mi
     labels = segmentation.watershed(-dist, markers, mask=fg)
     labels = morphology.remove_small_objects(labels, max(1, min_size))
     labels, _, _ = segmentation.relabel_sequential(labels)
-    return _as_label_dtype(labels)
+    return as_label_dtype(labels)
 
 
 def estimate_diameter(image: np.ndarray, *, default_px: float = CELLPOSE_REF_DIAMETER_PX) -> float:
@@ -461,7 +457,8 @@ def cpsam_path(name: str) -> Path:
 
 
 def _gpu_device(gpu):
-    torch = _torch()
+    import torch  # deferred: importing torch + cellpose costs seconds
+
     if gpu is None:
         gpu = torch.cuda.is_available()
     if gpu and not torch.cuda.is_available():
@@ -486,7 +483,9 @@ def _wrap_net(net, device, pretrained: str):
     if device.type == "cpu" and net.backbone == "tiny_unet":
         # measured on the 2-core CPU (torch 2.14, one thread): channels-last convolutions run the
         # tiny U-Net 1.5-2x faster than the default layout, with identical masks
-        cp.net = cp.net.to(memory_format=_torch().channels_last)
+        import torch
+
+        cp.net = cp.net.to(memory_format=torch.channels_last)
     cp.net.eval()
     return cp
 
@@ -513,7 +512,8 @@ def load(spec: str | os.PathLike, *, gpu: bool | None = None, seed: int = 0) -> 
     if s in CPSAM_NAMES:
         return _load_cpsam(s, gpu)
     if s == "cpsam-random":
-        torch = _torch()
+        import torch  # deferred: importing torch + cellpose costs seconds
+
         from cellpose.vit import CPSAM
 
         device = _gpu_device(gpu)
@@ -568,12 +568,12 @@ def _load_cpsam(name: str, gpu) -> Model:
             f"(or: CELLPOSE_LOCAL_MODELS_PATH={path.parent} python -c \"from cellpose import models; "
             f"models.CellposeModel(pretrained_model='{name}')\"), then set CELLPOSE_LOCAL_MODELS_PATH="
             f"{path.parent} in the job. For CPU demos use the 'generalist' or 'tiny' models.")
-    torch = _torch()
+
     from cellpose.models import CellposeModel
 
     device = _gpu_device(gpu)
     try:
-        with _quiet_cellpose():
+        with quiet_cellpose():
             cp = CellposeModel(pretrained_model=str(path), device=device,
                                use_bfloat16=device.type == "cuda")  # bfloat16 is 3x slower on CPU
     except (RuntimeError, ValueError, EOFError, OSError) as exc:
@@ -607,7 +607,8 @@ def read_sidecar(weights_path: str | os.PathLike) -> dict:
 
 def load_checkpoint(path: str | os.PathLike, *, gpu: bool | None = None) -> Model:
     """Load a seglab checkpoint (weights + sidecar), verifying its hash first."""
-    torch = _torch()
+    import torch  # deferred: importing torch + cellpose costs seconds
+
     p = Path(path)
     if not p.is_file():
         raise SeglabError(f"{p}: checkpoint file not found")
@@ -670,7 +671,8 @@ def save_checkpoint(net, path: str | os.PathLike, meta: dict) -> Path:
     ``train_tiles_sha256``, ``losses``, ``metrics``. The architecture, weights'
     hash, commit and versions are added here.
     """
-    torch = _torch()
+    import torch  # deferred: importing torch + cellpose costs seconds
+
     import cellpose
 
     p = Path(path)

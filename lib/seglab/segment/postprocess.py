@@ -26,6 +26,9 @@ import numpy as np
 import pandas as pd
 
 from seglab import SeglabError
+from seglab.evaluate import scoring
+from typing import Sequence
+from seglab.data import splitset
 
 
 @dataclass(frozen=True)
@@ -137,4 +140,48 @@ def sweep_gates(items, gates: list[Gate], threshold: float = 0.5, pixel_size_um:
         pooled = pooled_match([it["y_true"] for it in items], preds, threshold)
         rows.append({**gate.as_dict(), **{k: pooled[k] for k in ("tp", "fp", "fn", "precision", "recall", "f1", "ap")},
                      "n_removed": removed})
+    return pd.DataFrame(rows)
+
+
+def gate_items(split: splitset.SplitSet, masks: Sequence[np.ndarray], channel: int = 1) -> list[dict]:
+    """``postprocess.sweep_gates``'s items: y_true, y_pred and the channel the gate reads (marker = 1)."""
+    if len(masks) != len(split):
+        raise SeglabError(f"gate_items: {len(masks)} masks for {len(split)} tiles")
+    return [{"name": n, "y_true": t, "y_pred": p, "image": np.asarray(x[channel])}
+            for n, t, p, x in zip(split.names, split.masks, masks, split.images)]
+
+
+def gate_split(split: splitset.SplitSet, masks: Sequence[np.ndarray], gate, *, channel: int = 1,
+               pixel_size_um: float | None = None, iou: float = 0.5) -> tuple[list, pd.DataFrame]:
+    """Apply one gate to every tile; returns (gated masks, per-instance decisions).
+
+    The decisions table has one row per predicted instance: image, marker,
+    label, area_px, area_um2, mean_intensity, kept, reason ('', 'area', 'dim',
+    'bright') and ``matched`` (True when the instance was a true positive at
+    ``iou`` before gating), so removed FPs and lost TPs can be counted.
+    """
+    from seglab.segment import postprocess
+
+    gated, frames = [], []
+    for name, marker, t, p, x in zip(split.names, split.rows["marker"], split.masks, masks, split.images):
+        g, dec = postprocess.apply_gate(p, np.asarray(x[channel]), gate, pixel_size_um)
+        dec = dec.assign(image=name, marker=marker)
+        dec["matched"] = dec["label"].isin(scoring.outcome_labels(t, p, iou)["tp_pred"])
+        gated.append(g)
+        frames.append(dec)
+    decisions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    lead = ["image", "marker", "label"]
+    return gated, decisions[lead + [c for c in decisions.columns if c not in lead]]
+
+
+def gate_effect(decisions: pd.DataFrame) -> pd.DataFrame:
+    """Removed instances by reason: how many were false positives and how many true positives."""
+    removed = decisions[~decisions["kept"]]
+    rows = []
+    for reason in ("area", "dim", "bright"):
+        r = removed[removed["reason"] == reason]
+        rows.append({"reason": reason, "removed": len(r), "removed_fp": int((~r["matched"]).sum()),
+                     "removed_tp": int(r["matched"].sum())})
+    rows.append({"reason": "all", "removed": len(removed), "removed_fp": int((~removed["matched"]).sum()),
+                 "removed_tp": int(removed["matched"].sum())})
     return pd.DataFrame(rows)

@@ -18,9 +18,9 @@ Outputs (in ``--out``)
 ``tiles_shard-<I>-of-<N>.tsv``
     one row per tile: tile, shard ("I/N"), n_cells, seconds (wall time of the
     tile's share of its batch), diameter_px, mask_file, status (done/skipped).
-``outputs/<tile>.npz`` (with ``save_outputs``)
+``outputs/<tile>.npz`` (with ``dynamics.save_outputs``)
     the network outputs: ``dP`` (2, Y, X) float32 flows, ``cellprob`` (Y, X)
-    float32 logits, ``niter``. :func:`masks_from_outputs` rebuilds masks from
+    float32 logits, ``niter``. :func:`dynamics.masks_from_outputs` rebuilds masks from
     them at any threshold without running the network again.
 
 A rerun skips tiles whose mask is complete and redoes those whose file is
@@ -43,6 +43,7 @@ import pandas as pd
 from seglab import SeglabError
 from seglab.core import io
 from seglab.segment import models
+from seglab.segment import dynamics
 
 CHANNEL_RE = re.compile(r"_(c\d+)\.tiff?$", re.IGNORECASE)
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -143,64 +144,6 @@ def shard_slice(items: Sequence, shard) -> list:
 # masks from saved outputs
 # --------------------------------------------------------------------------------------
 
-def masks_from_outputs(outputs: dict, flow_threshold: float = 0.4, cellprob_threshold: float = 0.0,
-                       min_size: int = 15, max_size_fraction: float = 0.4, niter: int | None = None,
-                       device=None) -> np.ndarray:
-    """Rebuild masks from saved network outputs, with cellpose's own dynamics.
-
-    Equal to re-running ``Model.segment`` with these thresholds (the network
-    part is skipped): the same ``dynamics.resize_and_compute_masks`` call that
-    ``CellposeModel.eval`` makes.
-
-    Parameters
-    ----------
-    outputs : dict (or a path to an ``.npz``) with ``dP`` (2, Y, X) flows,
-        ``cellprob`` (Y, X) logits and ``niter`` (the Euler steps eval used).
-    flow_threshold, cellprob_threshold, min_size, max_size_fraction : as in cellpose.
-    niter : override the stored number of dynamics steps.
-
-    Returns
-    -------
-    (Y, X) uint16 labels (uint32 beyond 65,535 objects).
-    """
-    from cellpose import dynamics
-
-    torch = models._torch()
-    if isinstance(outputs, (str, os.PathLike)):
-        outputs = load_outputs(outputs)
-    try:
-        dP, cellprob = np.asarray(outputs["dP"], np.float32), np.asarray(outputs["cellprob"], np.float32)
-    except KeyError as exc:
-        raise SeglabError(f"masks_from_outputs: outputs lack {exc}; pass what segment(return_outputs=True) "
-                          "or seglab predict --save-outputs wrote") from None
-    if dP.ndim != cellprob.ndim + 1 or dP.shape[1:] != cellprob.shape:
-        raise SeglabError(f"masks_from_outputs: dP {dP.shape} does not fit cellprob {cellprob.shape}")
-    n = int(niter if niter is not None else outputs.get("niter", 200))
-    if device is None:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    with models._quiet_cellpose():
-        m = dynamics.resize_and_compute_masks(dP, cellprob, niter=n, cellprob_threshold=cellprob_threshold,
-                                              flow_threshold=flow_threshold, min_size=min_size,
-                                              max_size_fraction=max_size_fraction, resize=None, device=device,
-                                              do_3D=cellprob.ndim == 3)
-    return models._as_label_dtype(m)
-
-
-def save_outputs(path, outputs: dict) -> Path:
-    with io.atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, dP=outputs["dP"], cellprob=outputs["cellprob"], niter=np.int64(outputs["niter"]))
-    return Path(path)
-
-
-def load_outputs(path) -> dict:
-    try:
-        with np.load(path) as z:
-            return {"dP": z["dP"], "cellprob": z["cellprob"], "niter": int(z["niter"])}
-    except Exception as exc:  # noqa: BLE001
-        raise SeglabError(f"{path}: not a readable network-outputs file ({exc}); rerun seglab predict "
-                          "--save-outputs for that tile") from None
-
 
 # --------------------------------------------------------------------------------------
 # the predict loop
@@ -223,7 +166,7 @@ def write_mask(path, mask: np.ndarray) -> Path:
     """Atomically write labels as a compressed TIFF (uint16, or uint32 beyond 65,535 objects)."""
     import tifffile
 
-    mask = models._as_label_dtype(mask)
+    mask = models.as_label_dtype(mask)
     with io.atomic_path(path) as tmp:
         tifffile.imwrite(tmp, mask, compression="zlib")
     return Path(path)
@@ -334,7 +277,7 @@ def predict(model: models.Model | str, tiles_dir, out_dir, *, shard=None, diamet
             for k, t in enumerate(batch):
                 mm, oo = res[k]
                 if save_network_outputs and oo is not None:
-                    save_outputs(out / "outputs" / f"{t.tile_id}.npz", oo)
+                    dynamics.save_outputs(out / "outputs" / f"{t.tile_id}.npz", oo)
                 write_mask(out / f"{t.tile_id}.tif", mm)
                 rows[t.tile_id] = {"tile": t.tile_id, "shard": f"{i}/{n}", "n_cells": int(mm.max() and len(np.unique(mm)) - 1),
                                    "seconds": round(sec, 4), "diameter_px": diams[k], "mask_file": f"{t.tile_id}.tif",

@@ -34,7 +34,7 @@ import math
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -156,7 +156,7 @@ def drop_sparse(images, labels, ids, min_train_masks: int):
 def _flows(labels, device):
     from cellpose import dynamics
 
-    with models._quiet_cellpose():
+    with models.quiet_cellpose():
         return dynamics.labels_to_flows([np.array(lb, dtype=np.int64, copy=True) for lb in labels],
                                         device=device)
 
@@ -201,7 +201,8 @@ def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.n
     -------
     Path of ``model.pt`` (or of ``checkpoint/state.pt`` when stopped early).
     """
-    torch = models._torch()
+    import torch
+
     from cellpose import train as cp_train
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -357,7 +358,8 @@ def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.n
 
 def load_state_weights(state_path: str | Path) -> dict:
     """The network weights stored in a resume state (for comparisons in tests)."""
-    torch = models._torch()
+    import torch
+
     return torch.load(state_path, map_location="cpu", weights_only=True)["net"]
 
 
@@ -437,7 +439,8 @@ def pretrain_generalist(recipe: GeneralistRecipe, *, run_dir: str | Path, out_pa
 
     from seglab.data import dsb
 
-    torch = models._torch()
+    import torch
+
     table = dsb.dsb2018_table(dsb_root)
     table["split"] = dsb_split(table, recipe.test_groups, recipe.val_groups)
 

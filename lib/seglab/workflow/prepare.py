@@ -1,7 +1,7 @@
 """The heavy, embarrassingly parallel work of a notebook as a list of items ("prepare").
 
 Notebooks 01, 02, 05 and 06 spend nearly all their time in work whose outputs
-land in content-addressed caches: fine-tunes in ``data/models/`` (:func:`seglab.experiments.study.finetune`)
+land in content-addressed caches: fine-tunes in ``data/models/`` (:func:`seglab.segment.finetuning.finetune`)
 and cohort inference shards in ``data/predictions/`` (:func:`seglab.experiments.cohort_inference.predict_cohort`).
 This module lists that work, one item per fine-tune or shard, built from the SAME
 library calls the notebooks make (``study.e1_finetune_jobs``, ``efficiency.label_budget_jobs``,
@@ -31,6 +31,7 @@ from typing import Any, Callable
 from seglab import SeglabError
 from seglab.core import paths
 from seglab.config.params import params_hash
+from seglab.segment import finetuning
 
 
 class ItemsUnknown(SeglabError):
@@ -47,7 +48,7 @@ class Item:
     label : stable, human-readable description ("budget=12 repeat=1").
     kind : "finetune" or "predict".
     key : identifies the output: items with equal keys write the same cache entry.
-    args : what the item runs with (finetune: ``study.finetune`` kwargs; predict: model, shard).
+    args : what the item runs with (finetune: ``finetuning.finetune`` kwargs; predict: model, shard).
     """
 
     index: int
@@ -72,44 +73,39 @@ class Item:
 # --------------------------------------------------------------------------- fine-tunes
 
 def _finetune_item(label: str, job: dict) -> Item:
-    from seglab.experiments import efficiency
-    from seglab.experiments import study
 
     def done() -> bool:
-        return efficiency.cached_model(**job) is not None
+        return finetuning.cached_model(**job) is not None
 
     def run(log):
-        return study.finetune(**job, log=log)
+        return finetuning.finetune(**job, log=log)
 
     return Item(index=-1, label=label, kind="finetune", key=_finetune_key(job), args=dict(job),
                 _done=done, _run=run)
 
 
 def _finetune_key(job: dict) -> str:
-    """Equal for two ``study.finetune`` calls that train into the same cache folder (defaults filled in,
-    as ``study.model_dir`` reads them), without reading the cohort."""
-    from seglab.experiments import study
+    """Equal for two ``finetuning.finetune`` calls that train into the same cache folder (defaults filled in,
+    as ``finetuning.model_dir`` reads them), without reading the cohort."""
 
-    cfg = study._finetune_config(job["base"], job["cohort_dir"], job.get("variant", "generic"), job["train_params"],
+    cfg = finetuning._finetune_config(job["base"], job["cohort_dir"], job.get("variant", "generic"), job["train_params"],
                                  job.get("markers"), job.get("budget"), job.get("budget_seed", 0))
-    cache = str(paths.resolve(job.get("cache_dir", study.MODEL_CACHE)))
+    cache = str(paths.resolve(job.get("cache_dir", finetuning.MODEL_CACHE)))
     return "finetune:" + params_hash({"cfg": cfg, "cache": cache})[:24]
 
 
 def _reference_generic(params: dict) -> dict:
-    from seglab.experiments import efficiency
-    from seglab.experiments import study
 
     # the full-data reference of 02 and 06 (and E1's generic model, and E5's fine-tuned model)
-    return efficiency.reference_job(params["baseline_model"], params["cohort_dir"],
-                                    train_params=study.train_params(params))
+    return finetuning.reference_job(params["baseline_model"], params["cohort_dir"],
+                                    train_params=finetuning.train_params(params))
 
 
 def _e1_items(params: dict) -> list[Item]:
     from seglab.experiments import study
 
     jobs = study.e1_finetune_jobs(params["baseline_model"], params["cohort_dir"],
-                                  train_params=study.train_params(params), markers=params["markers"])
+                                  train_params=finetuning.train_params(params), markers=params["markers"])
     return [_finetune_item(f"model={name}", job) for name, job in jobs.items()]
 
 
@@ -125,12 +121,11 @@ def _budgets(params: dict) -> list[int]:
 
 def _e2_items(params: dict) -> list[Item]:
     from seglab.experiments import efficiency
-    from seglab.experiments import study
 
     budgets = _budgets(params)
     repeats = int(params["repeats"])
     jobs = efficiency.label_budget_jobs(params["baseline_model"], params["cohort_dir"], budgets, repeats,
-                                        train_params=study.train_params(params))
+                                        train_params=finetuning.train_params(params))
     items = [_finetune_item(f"budget={j['budget']} repeat={j['budget_seed']}", j) for j in jobs]
     if params.get("reference_full_data"):
         items.append(_finetune_item("reference=finetuned_generic", _reference_generic(params)))
@@ -152,11 +147,10 @@ def _e6_markers(params: dict) -> list[str]:
 
 def _e6_items(params: dict) -> list[Item]:
     from seglab.experiments import efficiency
-    from seglab.experiments import study
 
     markers = _e6_markers(params)
     jobs = efficiency.lomo_jobs(params["baseline_model"], params["cohort_dir"], markers,
-                                train_params=study.train_params(params))
+                                train_params=finetuning.train_params(params))
     items = [_finetune_item(f"held_out={j['markers'][0]}", j) for j in jobs]
     items.append(_finetune_item("reference=finetuned_generic", _reference_generic(params)))
     return items
@@ -166,12 +160,11 @@ def _e6_items(params: dict) -> list[Item]:
 
 def _e5_models(params: dict) -> dict[str, Callable[[], str]]:
     """Notebook 05's models, by name, as functions giving the spec (the fine-tuned one must be cached)."""
-    from seglab.experiments import efficiency
 
     generic = _reference_generic(params)
 
     def finetuned() -> str:
-        found = efficiency.cached_model(**generic)
+        found = finetuning.cached_model(**generic)
         if found is None:
             raise SeglabError(
                 f"05_downstream: the fine-tuned generic model ({params['baseline_model']} on {params['cohort_dir']}, "
