@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seglab.workflow import runs
+from seglab.workflow import pipeline
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
@@ -60,7 +60,7 @@ def test_detector_sees_requests_of_a_page_with_external_resources(tmp_path):
 
 
 def test_status_page_and_report_render_offline(probe_root, tmp_path):
-    result = runs.execute("10", "test", log=lambda *_: None)
+    result = pipeline.execute("10", "test", log=lambda *_: None)
     index = probe_root / "reports" / "index.html"
     dom, pixels, urls = open_in_chromium(index, tmp_path / "index")
     assert "10_probe" in dom and "11_after" in dom and "sum_of_squares" in dom

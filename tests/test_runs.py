@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from seglab.workflow import report
-from seglab.workflow import runs
+from seglab.workflow import pipeline, report, runs
 
 SEGLAB = [sys.executable, "-m", "seglab"]
 EXTERNAL_REF = re.compile(r"<(script|link|img|iframe)[^>]+(src|href)\s*=\s*[\"']?(https?:)?//|@import\s+(url\()?[\"']?(https?:)?//",
@@ -27,7 +26,7 @@ def cli(root: Path, *args, timeout=120):
 
 
 def test_run_writes_notebook_params_outputs_manifest_and_offline_report(probe_root):
-    result = runs.execute("10", "test", log=lambda *_: None)
+    result = pipeline.execute("10", "test", log=lambda *_: None)
     run_dir = result.run_dir
     assert run_dir.parent == probe_root / "runs" / "10_probe" / "test"
     m = json.loads((run_dir / "manifest.json").read_text())
@@ -50,8 +49,8 @@ def test_run_writes_notebook_params_outputs_manifest_and_offline_report(probe_ro
 
 
 def test_same_notebook_twice_gives_two_run_folders_and_index_flags_missing_and_changed(probe_root):
-    first = runs.execute("10_probe", "test", log=lambda *_: None).run_dir
-    second = runs.execute("10_probe", "test", log=lambda *_: None).run_dir
+    first = pipeline.execute("10_probe", "test", log=lambda *_: None).run_dir
+    second = pipeline.execute("10_probe", "test", log=lambda *_: None).run_dir
     assert first != second and first.is_dir() and second.is_dir()
     index = (probe_root / "reports" / "index.html").read_text()
     assert "10_probe" in index and "11_after" in index and "outputs intact" in index
@@ -74,7 +73,7 @@ def test_failing_cell_exits_nonzero_with_one_paragraph_and_keeps_partial_noteboo
     assert any(o.get("ename") == "ValueError" for c in executed["cells"] for o in c.get("outputs", []))
     assert (probe_root / m["report"]).is_file()
     assert "failed" in (probe_root / "reports" / "index.html").read_text()
-    good = runs.execute("10", "test", log=lambda *_: None)
+    good = pipeline.execute("10", "test", log=lambda *_: None)
     cli(probe_root, "run", "10", "--profile", "test", "--set", "fail=true")
     index = (probe_root / "reports" / "index.html").read_text()
     assert f"last successful: <a href='10_probe/test/{good.run_dir.name}.html'>" in index
@@ -114,36 +113,36 @@ def test_misspelt_key_fails_before_any_run_folder_is_made(probe_root):
 
 def test_run_all_skips_up_to_date_reruns_on_change_and_stops_at_failure(probe_root):
     messages = []
-    first = runs.run_all("test", log=messages.append)
+    first = pipeline.run_all("test", log=messages.append)
     assert [r.skipped for r in first] == [False, False]
     assert runs.read_manifest(first[1].run_dir)["summary"] == {"scaled": 42}
-    again = runs.run_all("test", log=messages.append)
+    again = pipeline.run_all("test", log=messages.append)
     assert [r.skipped for r in again] == [True, True]
     assert any("up to date" in m for m in messages)
     # a changed params file reruns the notebook, and its dependant because its upstream run changed
     (probe_root / "params" / "test" / "10_probe.yaml").write_text("n: 5\n")
-    changed = runs.run_all("test", log=messages.append)
+    changed = pipeline.run_all("test", log=messages.append)
     assert [r.skipped for r in changed] == [False, False]
     assert runs.read_manifest(changed[1].run_dir)["summary"] == {"scaled": 90}
     # a changed notebook reruns too
     nb = probe_root / "notebooks" / "11_after.ipynb"
     nb.write_text(nb.read_text().replace("factor = 2", "factor = 5"))
-    assert [r.skipped for r in runs.run_all("test", log=messages.append)] == [True, False]
+    assert [r.skipped for r in pipeline.run_all("test", log=messages.append)] == [True, False]
     # --force reruns everything
-    assert [r.skipped for r in runs.run_all("test", force=True, log=messages.append)] == [False, False]
+    assert [r.skipped for r in pipeline.run_all("test", force=True, log=messages.append)] == [False, False]
     # a failure stops the chain and names the notebook
     (probe_root / "params" / "test" / "10_probe.yaml").write_text("n: 5\nfail: true\n")
     before = len(runs.list_runs("11_after", "test"))
     with pytest.raises(runs.RunFailed, match="10_probe \\(test\\) failed in cell"):
-        runs.run_all("test", log=messages.append)
+        pipeline.run_all("test", log=messages.append)
     assert len(runs.list_runs("11_after", "test")) == before
 
 
 def test_deleted_output_makes_run_all_rerun(probe_root):
-    first = runs.run_all("test", only=["10"], log=lambda *_: None)
+    first = pipeline.run_all("test", only=["10"], log=lambda *_: None)
     assert len(first) == 1
     (first[0].run_dir / "squares.csv").unlink()
-    assert runs.run_all("test", only=["10"], log=lambda *_: None)[0].skipped is False
+    assert pipeline.run_all("test", only=["10"], log=lambda *_: None)[0].skipped is False
 
 
 def test_interactive_attach_makes_its_own_folder(probe_root, monkeypatch):
@@ -230,7 +229,7 @@ def test_read_manifest_is_none_for_a_manifest_missing_cut_short_or_not_a_record(
 def test_a_run_folder_without_a_complete_manifest_is_starting_on_the_status_page_and_run_all_skips_it(probe_root):
     """A run folder exists (exclusive mkdir) a moment before its manifest.json: the status page, run-all,
     latest_run and is_up_to_date must read it as a run starting, never crash on it."""
-    done = runs.run_all("test", only=["10"], log=lambda *_: None)[0].run_dir
+    done = pipeline.run_all("test", only=["10"], log=lambda *_: None)[0].run_dir
     base = done.parent
     index = probe_root / "reports" / "index.html"
     for kind, content in (("truncated", '{"experiment": "10_probe", "profile": "test", "status": "runn'),
@@ -244,7 +243,7 @@ def test_a_run_folder_without_a_complete_manifest_is_starting_on_the_status_page
         experiment = runs.find_experiment("10_probe", probe_root)
         assert runs.is_up_to_date(experiment, "test") == done
         messages = []
-        (result,) = runs.run_all("test", only=["10"], log=messages.append)
+        (result,) = pipeline.run_all("test", only=["10"], log=messages.append)
         assert result.skipped and result.run_dir == done, kind
         proc = cli(probe_root, "report")
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
@@ -255,3 +254,17 @@ def test_a_run_folder_without_a_complete_manifest_is_starting_on_the_status_page
         assert f"last successful: <a href='10_probe/test/{done.name}.html'>" in row
         rows = {r["experiment"]: r for r in report._status_rows()}
         assert rows["10_probe"]["status"] == "starting" and rows["10_probe"]["n_runs"] == 2 + (kind == "missing")
+
+
+def test_the_runner_never_imports_the_reports_and_runs_without_them(probe_root):
+    """workflow.runs -> workflow.report was an import cycle: the report steps come from the caller."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, seglab.workflow.runs as r; "
+                           "assert 'seglab.workflow.report' not in sys.modules, 'runs imported report'; "
+                           "import seglab.workflow.pipeline"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = runs.execute("10", "test", log=lambda *_: None)          # no report steps: the run only
+    assert result.manifest["report"] is None and result.manifest["status"] == "done"
+    assert not (probe_root / "reports").exists() and not (probe_root / "figures").exists()
+    steps = report.steps()
+    assert (steps.render_run, steps.publish_figures, steps.build_index) == (
+        report.render_run, report.publish_figures, report.build_index)

@@ -11,14 +11,14 @@ def _overrides(items):
 
 
 def cmd_run(args) -> int:
-    from seglab.workflow.runs import execute
+    from seglab.workflow.pipeline import execute
     execute(args.experiment, args.profile, overrides=_overrides(args.set), render=not args.no_report)
     print(f"[seglab] status page: {paths.reports_dir() / 'index.html'}")
     return 0
 
 
 def cmd_run_all(args) -> int:
-    from seglab.workflow.runs import run_all
+    from seglab.workflow.pipeline import run_all
     run_all(args.profile, force=args.force, only=args.only)
     print(f"[seglab] status page: {paths.reports_dir() / 'index.html'}")
     return 0

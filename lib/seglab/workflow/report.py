@@ -22,7 +22,7 @@ from pathlib import Path
 from seglab.core import io
 from seglab.core import paths
 from seglab.workflow.chain import load_experiments
-from seglab.workflow.runs import STARTING, check_outputs, list_runs, read_manifest, utc_now
+from seglab.workflow.runs import STARTING, ReportSteps, check_outputs, list_runs, read_manifest, utc_now
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
 TEMPLATE_NAME = "offline"
@@ -73,6 +73,12 @@ def publish_figures(run_dir: Path, manifest: dict) -> list[Path]:
                            "sha256": io.sha256_file(fig)}
     io.write_json(target_dir / "PROVENANCE.json", provenance)
     return published
+
+
+def steps() -> ReportSteps:
+    """The steps the runner takes after a notebook ran (:class:`seglab.workflow.runs.ReportSteps`):
+    render its report, publish its figures, rebuild the status page."""
+    return ReportSteps(render_run=render_run, publish_figures=publish_figures, build_index=build_index)
 
 
 def _fmt_number(value) -> str:

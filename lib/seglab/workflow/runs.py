@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -216,13 +216,29 @@ class RunResult:
     skipped: bool = False
 
 
-def execute(ref: str, profile: str, overrides: dict | None = None, render: bool = True,
+@dataclass
+class ReportSteps:
+    """What happens after the notebook ran, given by the caller (:mod:`seglab.workflow.report` makes
+    them; :mod:`seglab.workflow.pipeline` passes them), so this module never imports the reports.
+
+    ``render_run(run_dir, manifest)`` renders the notebook (its path goes into the manifest);
+    ``publish_figures(run_dir, manifest)`` copies a successful run's figures; ``build_index()``
+    rebuilds the status page once the manifest is final. A step that fails is recorded or
+    logged and never hides the run's status.
+    """
+    render_run: Callable[[Path, dict], Path]
+    publish_figures: Callable[[Path, dict], Any]
+    build_index: Callable[[], Any]
+
+
+def execute(ref: str, profile: str, overrides: dict | None = None, report: ReportSteps | None = None,
             log=print) -> RunResult:
-    """Run one notebook with papermill into a new run folder and render its report.
+    """Run one notebook with papermill into a new run folder; then the ``report`` steps, if given.
 
     Params are validated first: a bad params file fails before a folder is made.
     Raises :class:`RunFailed` (after writing the manifest and the partial
     notebook) when a cell fails or the run is interrupted by Ctrl-C or SIGTERM.
+    ``seglab run`` is :func:`seglab.workflow.pipeline.execute`: this with the report steps.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -307,24 +323,21 @@ def execute(ref: str, profile: str, overrides: dict | None = None, render: bool 
                 manifest["summary"] = json.loads(summary_file.read_text())
             except json.JSONDecodeError:
                 manifest["summary"] = None
-        if render and notebook_out.is_file():
+        if report is not None and notebook_out.is_file():
             try:
-                from seglab.workflow import report
                 manifest["report"] = os.path.relpath(report.render_run(run_dir, manifest), root)
             except Exception as exc:  # a report that cannot render must not hide the run's status
                 manifest["report_error"] = f"{type(exc).__name__}: {exc}"
-        if render:
+        if report is not None:
             try:
-                from seglab.workflow import report
                 if manifest["status"] == "done":
                     report.publish_figures(run_dir, manifest)
             except Exception as exc:
                 log(f"[seglab] warning: could not publish figures: {exc}")
         manifest["outputs"] = output_records(run_dir)
         io.write_json(run_dir / MANIFEST, manifest)
-        if render:
+        if report is not None:
             try:
-                from seglab.workflow import report
                 report.build_index()
             except Exception as exc:
                 log(f"[seglab] warning: could not update reports/index.html: {exc}")
@@ -386,11 +399,12 @@ def is_up_to_date(experiment: Experiment, profile: str, overrides: dict | None =
     return latest
 
 
-def run_all(profile: str, force: bool = False, only: list[str] | None = None, log=print) -> list[RunResult]:
+def run_all(profile: str, force: bool = False, only: list[str] | None = None, report: ReportSteps | None = None,
+            log=print) -> list[RunResult]:
     """Run the chain in declared order; skip notebooks that are up to date unless ``force``.
 
     Stops at the first failure (RunFailed names it). With ``only``, runs those
-    notebooks and whatever they need.
+    notebooks and whatever they need. ``report``: as for :func:`execute`.
     """
     root = paths.project_root()
     chain = load_experiments(root)
@@ -405,7 +419,7 @@ def run_all(profile: str, force: bool = False, only: list[str] | None = None, lo
             log(f"[seglab] {e.name} ({profile}) up to date: {os.path.relpath(fresh, root)}")
             results.append(RunResult(run_dir=fresh, status="done", manifest=read_manifest(fresh), skipped=True))
             continue
-        results.append(execute(e.name, profile, log=log))
+        results.append(execute(e.name, profile, report=report, log=log))
     return results
 
 
