@@ -54,6 +54,9 @@ def test_same_notebook_twice_gives_two_run_folders_and_index_flags_missing_and_c
     assert first != second and first.is_dir() and second.is_dir()
     index = (probe_root / "reports" / "index.html").read_text()
     assert "10_probe" in index and "11_after" in index and "outputs intact" in index
+    # headline numbers with readable labels, the raw summary.json key kept beside them
+    assert "sum of squares: <b>14</b> <code class='key'>sum_of_squares</code>" in index
+    assert "<li title='n'>n: <b>4</b>" in index
     (second / "squares.csv").unlink()
     (second / "summary.json").write_text("{}")
     index = report.build_index().read_text()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -91,6 +92,71 @@ def _fmt_number(value) -> str:
 
 HEADLINE_ORDER = ("test_ap50", "test_", "val_", "recovery", "sig_")
 
+SPLITS = {"test": "test", "val": "val"}
+# metric in a `<split>_<metric>_<model>` key -> (words, unit); apNN (AP at IoU 0.NN) is parsed
+METRICS = {"ap": ("AP", "fraction"), "f1": ("F1", "fraction"), "precision": ("precision", "fraction"),
+           "recall": ("recall", "fraction"), "accuracy": ("accuracy", "fraction"),
+           "pq": ("panoptic quality", "fraction"), "fp": ("false positives", "count"),
+           "fn": ("false negatives", "count"), "tp": ("true positives", "count"),
+           "removed_tp": ("true positives removed", "count")}
+MODEL_WORDS = {"finetuned": "fine-tuned", "lomo": "marker held out", "sd": "SD"}
+UNIT_TEXT = {"fraction": "fraction", "count": "count", "seconds": "s", "px": "px", "": ""}
+
+
+def _words(parts: list[str]) -> str:
+    return " ".join(MODEL_WORDS.get(p, p) for p in parts)
+
+
+def headline_label(key: str) -> tuple[str, str]:
+    """A readable label and the unit of a ``summary.json`` key: ``(label, unit)``.
+
+    Keys follow ``<split>_<metric>_<model>`` (splits test, val; metrics ap50, ap75, ap90, f1,
+    precision, recall, fp, ...); ``sig_tests_<masks>`` counts significant tests; ``n_<what>``
+    counts; ``<what>_s`` is seconds. Unit is ``fraction``, ``count``, ``seconds``, ``px`` or ``""``
+    (unknown). Any other key: the key with underscores as spaces, no unit.
+
+    >>> headline_label("test_ap50_finetuned_generic")
+    ('test AP@0.5, fine-tuned generic', 'fraction')
+    >>> headline_label("sig_tests_truth")
+    ('significant tests, truth masks', 'count')
+    >>> headline_label("prepare_s")
+    ('prepare', 'seconds')
+    """
+    parts = str(key).split("_")
+    if parts[0] in SPLITS and len(parts) > 1:
+        split, rest = SPLITS[parts[0]], parts[1:]
+        ap = re.fullmatch(r"ap(\d\d)", rest[0])
+        metric, n = None, 1
+        if ap:
+            metric = (f"AP@{int(ap[1]) / 100:g}", "fraction")
+        else:
+            for size in (2, 1):   # two-word metrics (removed_tp) first
+                if "_".join(rest[:size]) in METRICS:
+                    metric, n = METRICS["_".join(rest[:size])], size
+                    break
+        if metric is not None:
+            model = _words(rest[n:])
+            return f"{split} {metric[0]}" + (f", {model}" if model else ""), metric[1]
+    if parts[:2] == ["sig", "tests"]:
+        return "significant tests" + (f", {_words(parts[2:])} masks" if len(parts) > 2 else ""), "count"
+    if parts[0] == "n" and len(parts) > 1:
+        return _words(parts[1:]), "count"
+    if len(parts) > 1 and parts[-1] == "s":
+        return _words(parts[:-1]), "seconds"
+    if len(parts) > 1 and parts[-1] == "px":
+        return _words(parts[:-1]), "px"
+    return str(key).replace("_", " "), ""
+
+
+def headline_html(key: str, value) -> str:
+    """One headline number: readable label, value with its unit; the raw key kept visible (small)."""
+    e = html.escape
+    label, unit = headline_label(key)
+    unit_text = UNIT_TEXT.get(unit, unit)
+    value_html = e(_fmt_number(value)) + (f" <span class='unit'>{e(unit_text)}</span>" if unit_text else "")
+    return (f"<li title='{e(str(key))}'>{e(label)}: <b>{value_html}</b> "
+            f"<code class='key'>{e(str(key))}</code></li>")
+
 
 def headline_items(summary: dict, limit: int = MAX_HEADLINES) -> list[tuple]:
     """The numbers the status page shows: test AP@0.5 first, then other test and validation
@@ -152,6 +218,7 @@ th{background:#f3f3f3}
 .done{color:#17672a;font-weight:600}.failed,.interrupted{color:#b00020;font-weight:600}
 .running,.starting{color:#8a5a00;font-weight:600}.flag{color:#b00020;font-weight:700}
 code{font-size:12px}ul{margin:0;padding-left:1.1em}
+.unit{color:#666;font-size:12px}code.key{color:#777;font-size:11px}
 """
 
 
@@ -176,7 +243,7 @@ def build_index() -> Path:
             git = r["git"]
             commit = (git.get("commit") or "no git")[:10] + (" (dirty)" if git.get("dirty") else "")
             heads = headline_items(r.get("summary") or {})
-            head_html = "<ul>" + "".join(f"<li><code>{e(str(k))}</code> {e(_fmt_number(v))}</li>" for k, v in heads) + "</ul>" if heads else ""
+            head_html = "<ul>" + "".join(headline_html(k, v) for k, v in heads) + "</ul>" if heads else ""
             if r.get("error"):
                 err = r["error"]
                 head_html += f"<div class='failed'>{e(str(err.get('ename')))}: {e(str(err.get('evalue')))}</div>"
