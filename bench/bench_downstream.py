@@ -1,8 +1,8 @@
-"""Benchmark: the vectorised bootstrap of seglab.downstream.analysis against a per-resample pandas loop.
+"""Benchmark: the vectorised bootstrap of seglab.downstream.correlate against a per-resample pandas loop.
 
 Data: 300 donors x 5 markers x 10 tiles = 15,000 tiles, 8 outcomes (120 tests),
 B = 1000 resamples (tiles resampled within donor and marker), synthetic tile
-table from ``seglab.downstream.analysis.synthetic_tile_table`` (no images).
+table from ``seglab.downstream.synthetic.synthetic_tile_table`` (no images).
 
 Reference: the straightforward way, one resample at a time: pandas
 ``groupby(...).sample(frac=1, replace=True)``, ``groupby().sum()`` for the
@@ -24,7 +24,9 @@ import pandas as pd
 from scipy.stats import spearmanr
 from statsmodels.stats.multitest import multipletests
 
-from seglab.downstream import analysis as ds
+from seglab.downstream.cohort import OUTCOMES, donor_features, join_clinical
+from seglab.downstream.correlate import DEFAULT_FEATURES, bootstrap_replicates
+from seglab.downstream.synthetic import synthetic_tile_table
 
 MARKERS = {"gfap": 0.5, "iba1": 0.3, "neun": 0.0, "olig2": 0.0, "pecam": -0.3}
 
@@ -68,16 +70,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
-    tiles, clinical = ds.synthetic_tile_table(a.donors, a.tiles_per_donor, MARKERS, seed=a.seed)
-    outcomes = list(ds.OUTCOMES)
-    features = list(ds.DEFAULT_FEATURES)
+    tiles, clinical = synthetic_tile_table(a.donors, a.tiles_per_donor, MARKERS, seed=a.seed)
+    outcomes = list(OUTCOMES)
+    features = list(DEFAULT_FEATURES)
     n_tests = len(MARKERS) * len(features) * len(outcomes)
     print(f"data: {len(tiles)} tiles, {a.donors} donors, {len(MARKERS)} markers, {len(outcomes)} outcomes, "
           f"{n_tests} tests, B={a.B}")
 
-    cohort = ds.join_clinical(ds.donor_features(tiles), clinical, outcomes)
+    cohort = join_clinical(donor_features(tiles), clinical, outcomes)
     t0 = time.perf_counter()
-    tests, rho, q = ds.bootstrap_replicates(tiles, cohort, features=features, B=a.B, seed=a.seed)
+    tests, rho, q = bootstrap_replicates(tiles, cohort, features=features, B=a.B, seed=a.seed)
     t_vec = time.perf_counter() - t0
     print(f"vectorised bootstrap_replicates: {t_vec:.2f} s for B={a.B} ({1e3 * t_vec / a.B:.2f} ms/resample)")
 

@@ -1,4 +1,4 @@
-"""seglab.downstream.analysis and seglab.downstream.stats: exact against scipy/statsmodels, planted and null cohorts, bad input."""
+"""seglab.downstream: exact against scipy/statsmodels, planted and null cohorts, bad input."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ from scipy.stats import spearmanr
 from statsmodels.stats.multitest import multipletests
 
 from seglab import SeglabError
-from seglab.downstream import analysis as ds
+from seglab.downstream.cohort import ZERO_CELLS, donor_features, join_clinical
+from seglab.downstream.correlate import (analyse, bootstrap_replicates, compare_models, correlate, stability_summary,
+                                         threshold_sensitivity)
+from seglab.downstream.features import SENSITIVITY_PERCENTILES, at_percentile, measure_tile, tile_features, tile_table
+from seglab.downstream.synthetic import synthetic_tile_table
 from seglab.downstream.stats import bh_qvalues, spearman_grid, spearman_pvalue
 
 TOL = dict(rtol=0, atol=1e-12)
@@ -94,14 +98,14 @@ def _toy_tile():
 
 def test_instance_means_equal_ndimage_and_threshold_uses_all_pixels():
     mask, marker = _toy_tile()
-    m = ds.measure_tile(mask, marker, (75, 90))
+    m = measure_tile(mask, marker, (75, 90))
     ids = np.unique(mask[mask > 0])
     np.testing.assert_array_equal(m.labels, ids)
     np.testing.assert_allclose(m.mean_marker, ndimage.mean(marker, mask, ids), **TOL)
     np.testing.assert_array_equal(m.area_px, ndimage.sum(np.ones_like(mask), mask, ids))
     # the threshold is the percentile of ALL Y*X marker pixels, background included
     assert m.marker_percentiles[75.0] == pytest.approx(np.percentile(marker.astype(float), 75))
-    row = ds.tile_features(mask, marker, percentile=75)
+    row = tile_features(mask, marker, percentile=75)
     assert row["threshold"] == pytest.approx(np.percentile(marker.astype(float), 75))
     # 75th over all pixels is 0 here (mostly background): every instance with mean > 0 is positive
     assert row["n_total_cells"] == 4 and row["n_marker_positive"] == 4
@@ -109,42 +113,42 @@ def test_instance_means_equal_ndimage_and_threshold_uses_all_pixels():
 
 def test_rules_fixed_otsu_strictly_above_and_densities():
     mask, marker = _toy_tile()
-    row = ds.tile_features(mask, marker, rule="fixed", fixed_threshold=3.0, pixel_size_um=0.5)
+    row = tile_features(mask, marker, rule="fixed", fixed_threshold=3.0, pixel_size_um=0.5)
     # means 10, 3, 1, 8: strictly above 3 -> 2 positive (the instance AT 3 is not)
     assert (row["n_total_cells"], row["n_marker_positive"], row["ratio"]) == (4, 2, 0.5)
     assert row["total_per_mpx"] == pytest.approx(4 / (600 / 1e6))
     assert row["positive_per_mm2"] == pytest.approx(2 / (600 * 0.25 / 1e6))
     from skimage.filters import threshold_otsu
 
-    r_otsu = ds.tile_features(mask, marker, rule="otsu")
+    r_otsu = tile_features(mask, marker, rule="otsu")
     means = ndimage.mean(marker, mask, np.unique(mask[mask > 0]))
     assert r_otsu["threshold"] == pytest.approx(threshold_otsu(np.asarray(means)))
     assert r_otsu["n_marker_positive"] == int((means > threshold_otsu(np.asarray(means))).sum())
     with pytest.raises(SeglabError, match="fixed_threshold"):
-        ds.tile_features(mask, marker, rule="fixed")
+        tile_features(mask, marker, rule="fixed")
     with pytest.raises(SeglabError, match="unknown positivity rule"):
-        ds.tile_features(mask, marker, rule="mean")
+        tile_features(mask, marker, rule="mean")
 
 
 def test_empty_tile_and_single_instance_otsu():
-    z = ds.tile_features(np.zeros((8, 8), np.uint16), np.ones((8, 8)))
+    z = tile_features(np.zeros((8, 8), np.uint16), np.ones((8, 8)))
     assert z["n_total_cells"] == 0 and z["n_marker_positive"] == 0 and np.isnan(z["ratio"])
     one = np.zeros((8, 8), np.uint16)
     one[2:4, 2:4] = 5
-    r = ds.tile_features(one, np.ones((8, 8)), rule="otsu")
+    r = tile_features(one, np.ones((8, 8)), rule="otsu")
     assert r["n_total_cells"] == 1 and r["n_marker_positive"] == 0
 
 
 def test_bad_tiles_are_refused_with_the_tile_named():
     mask, marker = _toy_tile()
     with pytest.raises(SeglabError, match=r"tile t9.*shape \(20, 29\).*\(20, 30\)"):
-        ds.measure_tile(mask, marker[:, :29], name="tile t9")
+        measure_tile(mask, marker[:, :29], name="tile t9")
     with pytest.raises(SeglabError, match="integer labels"):
-        ds.measure_tile(mask.astype(float), marker)
+        measure_tile(mask.astype(float), marker)
     bad = marker.copy()
     bad[0, 0] = np.nan
     with pytest.raises(SeglabError, match="NaN"):
-        ds.measure_tile(mask, bad)
+        measure_tile(mask, bad)
 
 
 def _manifest_and_images(seed=0, n_donors=4, tiles=3, markers=("gfap", "iba1")):
@@ -169,30 +173,30 @@ def _manifest_and_images(seed=0, n_donors=4, tiles=3, markers=("gfap", "iba1")):
 
 def test_tile_table_sensitivity_columns_equal_recomputing():
     man, images = _manifest_and_images()
-    tt = ds.tile_table(man, load_mask=lambda r: images[r.tile_id][0], load_marker=lambda r: images[r.tile_id][1],
-                       pixel_size_um=0.65, keep_instances=True)
+    tt = tile_table(man, load_mask=lambda r: images[r.tile_id][0], load_marker=lambda r: images[r.tile_id][1],
+                    pixel_size_um=0.65, keep_instances=True)
     assert len(tt) == len(man) and {"n_positive_p60", "marker_p90", "area_um2", "total_per_mm2"} <= set(tt.columns)
     assert len(tt.attrs["instances"]) == tt["n_total_cells"].sum()
-    for q in ds.SENSITIVITY_PERCENTILES:
-        re = ds.at_percentile(tt, q)
+    for q in SENSITIVITY_PERCENTILES:
+        re = at_percentile(tt, q)
         for _, r in re.iterrows():
-            direct = ds.tile_features(*images[r.tile_id], percentile=q, pixel_size_um=0.65)
+            direct = tile_features(*images[r.tile_id], percentile=q, pixel_size_um=0.65)
             assert r["n_marker_positive"] == direct["n_marker_positive"]
             assert r["threshold"] == pytest.approx(direct["threshold"])
             assert r["ratio"] == pytest.approx(direct["ratio"])
             assert r["positive_per_mm2"] == pytest.approx(direct["positive_per_mm2"])
     with pytest.raises(SeglabError, match="n_positive_p65"):
-        ds.at_percentile(tt, 65)
+        at_percentile(tt, 65)
 
 
 def test_tile_table_bad_manifest():
     man, images = _manifest_and_images()
     with pytest.raises(SeglabError, match="'donor'"):
-        ds.tile_table(man.drop(columns="donor"), load_mask=lambda r: None, load_marker=lambda r: None)
+        tile_table(man.drop(columns="donor"), load_mask=lambda r: None, load_marker=lambda r: None)
     with pytest.raises(SeglabError, match="repeats tile ids"):
-        ds.tile_table(pd.concat([man, man.iloc[:1]]), load_mask=lambda r: None, load_marker=lambda r: None)
+        tile_table(pd.concat([man, man.iloc[:1]]), load_mask=lambda r: None, load_marker=lambda r: None)
     with pytest.raises(SeglabError, match="shape"):
-        ds.tile_table(man, load_mask=lambda r: images[r.tile_id][0], load_marker=lambda r: images[r.tile_id][1][:-1])
+        tile_table(man, load_mask=lambda r: images[r.tile_id][0], load_marker=lambda r: images[r.tile_id][1][:-1])
 
 
 # --------------------------------------------------------------------------- donors and clinical
@@ -209,25 +213,25 @@ def test_donor_features_sum_counts_not_mean_of_ratios():
         ("c", 2, "gfap", 2000, 0, 0),      # a donor with zero cells
         ("d", 1, "iba1", 500, 10, 5),
     ])
-    d = ds.donor_features(t).set_index(["donor", "marker"])
+    d = donor_features(t).set_index(["donor", "marker"])
     assert d.loc[("1", "gfap"), "ratio"] == pytest.approx(2 / 200)  # not (1.0 + 0.0) / 2
     assert d.loc[("1", "gfap"), "n_tiles"] == 2
     assert d.loc[("1", "gfap"), "total_per_mpx"] == pytest.approx(200 / 0.002)
-    assert np.isnan(d.loc[("2", "gfap"), "ratio"]) and d.loc[("2", "gfap"), "reason"] == ds.ZERO_CELLS
+    assert np.isnan(d.loc[("2", "gfap"), "ratio"]) and d.loc[("2", "gfap"), "reason"] == ZERO_CELLS
     assert d.loc[("2", "gfap"), "total_per_mpx"] == 0.0
     assert d.loc[("1", "iba1"), "reason"] == ""
     bad = t.astype({"n_total_cells": float})
     bad.loc[1, "n_total_cells"] = np.nan
     with pytest.raises(SeglabError, match=r"\['b'\].*missing or negative 'n_total_cells'"):
-        ds.donor_features(bad)
+        donor_features(bad)
     with pytest.raises(SeglabError, match=r"\['d'\].*more positive cells"):
-        ds.donor_features(t.assign(n_marker_positive=[2, 0, 0, 11]))
+        donor_features(t.assign(n_marker_positive=[2, 0, 0, 11]))
 
 
 def test_join_reports_missing_donors_and_normalises_ids():
     t = _tiles([(f"t{i}", f"{d:08d}", "gfap", 100, 10, i % 4) for i, d in enumerate([11, 12, 13, 99, 11, 12])])
     clin = pd.DataFrame({"projid": [11, 12, 13, 55], "braaksc": [1, 2, 3, 4]})
-    c = ds.join_clinical(ds.donor_features(t), clin, ["braaksc"])
+    c = join_clinical(donor_features(t), clin, ["braaksc"])
     assert c.donors == ["11", "12", "13"]
     assert c.missing_in_clinical == ["99"] and c.missing_in_tiles == ["55"]
     assert c.report()["missing_in_clinical"] == ["99"]
@@ -235,17 +239,17 @@ def test_join_reports_missing_donors_and_normalises_ids():
 
 def test_bad_clinical_tables():
     t = _tiles([(f"t{i}", i, "gfap", 100, 10, 3) for i in range(5)])
-    donors = ds.donor_features(t)
+    donors = donor_features(t)
     with pytest.raises(SeglabError, match="no donor column 'projid'.*donor_col="):
-        ds.join_clinical(donors, pd.DataFrame({"id": range(5), "braaksc": range(5)}), ["braaksc"])
+        join_clinical(donors, pd.DataFrame({"id": range(5), "braaksc": range(5)}), ["braaksc"])
     bad = pd.DataFrame({"projid": range(5), "braaksc": ["1", "2", "III", "4", ""]})
     with pytest.raises(SeglabError, match=r"'braaksc' is not numeric.*III"):
-        ds.join_clinical(donors, bad, ["braaksc"])
+        join_clinical(donors, bad, ["braaksc"])
     with pytest.raises(SeglabError, match="more than once"):
-        ds.join_clinical(donors, pd.DataFrame({"projid": [1, 1, 2], "braaksc": [1, 2, 3]}), ["braaksc"])
+        join_clinical(donors, pd.DataFrame({"projid": [1, 1, 2], "braaksc": [1, 2, 3]}), ["braaksc"])
     with pytest.raises(SeglabError, match="no outcome column"):
-        ds.join_clinical(donors, pd.DataFrame({"projid": [1], "braaksc": [1]}), ["cogdx"])
-    ok = ds.join_clinical(donors, pd.DataFrame({"projid": range(5), "braaksc": ["1", "2", "", "4", "5"]}), ["braaksc"])
+        join_clinical(donors, pd.DataFrame({"projid": [1], "braaksc": [1]}), ["cogdx"])
+    ok = join_clinical(donors, pd.DataFrame({"projid": range(5), "braaksc": ["1", "2", "", "4", "5"]}), ["braaksc"])
     assert np.isnan(ok.outcomes.loc["2", "braaksc"])  # blank = missing, kept as NaN
 
 
@@ -254,7 +258,7 @@ def test_bad_clinical_tables():
 
 @pytest.fixture(scope="module")
 def cohort_tables():
-    tiles, clin = ds.synthetic_tile_table(
+    tiles, clin = synthetic_tile_table(
         30, 4, {"gfap": 0.9, "iba1": 0.0, "neun": -0.6}, outcomes=("braaksc", "cogdx", "gpath"), seed=5
     )
     clin.loc[3, "cogdx"] = np.nan
@@ -268,10 +272,10 @@ def test_correlate_equals_scipy_and_statsmodels(cohort_tables):
     z = (tiles["donor"] == tiles["donor"].iloc[0]) & (tiles["marker"] == "gfap")
     tiles.loc[z, ["n_total_cells", "n_marker_positive"]] = 0
     clin = clin[clin["projid"] != tiles["donor"].max()]
-    donors = ds.donor_features(tiles)
-    c = ds.join_clinical(donors, clin, ["braaksc", "cogdx", "gpath"])
+    donors = donor_features(tiles)
+    c = join_clinical(donors, clin, ["braaksc", "cogdx", "gpath"])
     assert c.missing_in_clinical == [str(tiles["donor"].max())]
-    res = ds.correlate(c)
+    res = correlate(c)
     assert len(res) == 3 * 3 * 3
     wide = donors.set_index(["donor", "marker"])
     for _, r in res.iterrows():
@@ -290,18 +294,18 @@ def test_correlate_equals_scipy_and_statsmodels(cohort_tables):
 
 def test_correlate_family_per_marker(cohort_tables):
     tiles, clin = cohort_tables
-    c = ds.join_clinical(ds.donor_features(tiles), clin, ["braaksc", "cogdx", "gpath"])
-    res = ds.correlate(c, family=("marker",))
+    c = join_clinical(donor_features(tiles), clin, ["braaksc", "cogdx", "gpath"])
+    res = correlate(c, family=("marker",))
     for _, g in res.groupby("marker"):
         np.testing.assert_allclose(g["q"], multipletests(g["p"], method="fdr_bh")[1], **TOL)
     with pytest.raises(SeglabError, match="family"):
-        ds.correlate(c, family=("donor",))
+        correlate(c, family=("donor",))
 
 
 def test_too_few_donors_and_constant_outcome_give_nan_with_reason():
     t = _tiles([(f"t{i}", i, "gfap", 100, 10, i) for i in range(4)])
     clin = pd.DataFrame({"projid": range(4), "braaksc": [1, np.nan, np.nan, 2.0], "cogdx": [3.0] * 4})
-    res = ds.correlate(ds.join_clinical(ds.donor_features(t), clin, ["braaksc", "cogdx"]), features=["ratio"])
+    res = correlate(join_clinical(donor_features(t), clin, ["braaksc", "cogdx"]), features=["ratio"])
     r = res.set_index("outcome")
     assert np.isnan(r.loc["braaksc", "rho"]) and r.loc["braaksc", "n"] == 2 and "fewer than 3" in r.loc["braaksc", "reason"]
     assert np.isnan(r.loc["cogdx", "rho"]) and r.loc["cogdx", "reason"] == "constant cogdx"
@@ -318,15 +322,15 @@ def test_bootstrap_equals_plain_loop_on_the_same_draws(cohort_tables):
     sel = np.flatnonzero((tiles["donor"] == tiles["donor"].iloc[0]) & (tiles["marker"] == "gfap"))[1:]
     tiles.loc[tiles.index[sel], ["n_total_cells", "n_marker_positive"]] = 0
     outcomes = ["braaksc", "cogdx", "gpath"]
-    c = ds.join_clinical(ds.donor_features(tiles), clin, outcomes)
-    tests, rho, q, draws = ds.bootstrap_replicates(tiles, c, B=12, seed=11, return_draws=True)
+    c = join_clinical(donor_features(tiles), clin, outcomes)
+    tests, rho, q, draws = bootstrap_replicates(tiles, c, B=12, seed=11, return_draws=True)
     by_id = tiles.set_index(tiles["tile_id"].astype(str))
     zero_resamples = 0
     for b in range(12):
         rs = pd.concat([by_id.loc[ids[idx[b]]] for ids, idx in draws.values()], ignore_index=True)
-        d = ds.donor_features(rs)
-        zero_resamples += int((d["reason"] == ds.ZERO_CELLS).any())
-        cb = ds.join_clinical(d, clin, outcomes)
+        d = donor_features(rs)
+        zero_resamples += int((d["reason"] == ZERO_CELLS).any())
+        cb = join_clinical(d, clin, outcomes)
         wide = d.set_index(["donor", "marker"])
         p_ref, r_ref = [], []
         for _, tst in tests.iterrows():
@@ -345,9 +349,9 @@ def test_bootstrap_equals_plain_loop_on_the_same_draws(cohort_tables):
 
 def test_bootstrap_seeded_and_stability_summary(cohort_tables):
     tiles, clin = cohort_tables
-    a1 = ds.analyse(tiles, clin, ["braaksc", "cogdx", "gpath"], B=200, seed=1)
-    a2 = ds.analyse(tiles, clin, ["braaksc", "cogdx", "gpath"], B=200, seed=1)
-    a3 = ds.analyse(tiles, clin, ["braaksc", "cogdx", "gpath"], B=200, seed=2)
+    a1 = analyse(tiles, clin, ["braaksc", "cogdx", "gpath"], B=200, seed=1)
+    a2 = analyse(tiles, clin, ["braaksc", "cogdx", "gpath"], B=200, seed=1)
+    a3 = analyse(tiles, clin, ["braaksc", "cogdx", "gpath"], B=200, seed=2)
     cols = ["rho_ci_low", "rho_ci_high", "frac_same_sign", "frac_significant"]
     pd.testing.assert_frame_equal(a1.correlations[cols], a2.correlations[cols])
     assert not a1.correlations[cols].equals(a3.correlations[cols])
@@ -363,7 +367,7 @@ def test_bootstrap_seeded_and_stability_summary(cohort_tables):
     # stability_summary against direct numpy on a small array
     rho = np.array([[0.5, -0.1], [0.2, 0.3], [np.nan, 0.1], [0.4, -0.2]])
     q = np.array([[0.01, 0.5], [0.2, 0.04], [np.nan, 0.9], [0.03, 0.2]])
-    s = ds.stability_summary(np.array([0.3, 0.2]), rho, q, alpha=0.05, ci=0.5)
+    s = stability_summary(np.array([0.3, 0.2]), rho, q, alpha=0.05, ci=0.5)
     assert s["frac_same_sign"].tolist() == [1.0, 0.5] and s["frac_significant"].tolist() == [0.5, 0.25]
     assert s["n_boot_valid"].tolist() == [3, 4]
     assert s.loc[0, "rho_ci_low"] == pytest.approx(np.percentile([0.5, 0.2, 0.4], 25))
@@ -372,21 +376,21 @@ def test_bootstrap_seeded_and_stability_summary(cohort_tables):
 def test_threshold_sensitivity_and_compare_models():
     man, images = _manifest_and_images(seed=2, n_donors=6, tiles=2)
     load_marker = lambda r: images[r.tile_id][1]  # noqa: E731
-    truth = ds.tile_table(man, load_mask=lambda r: images[r.tile_id][0], load_marker=load_marker)
+    truth = tile_table(man, load_mask=lambda r: images[r.tile_id][0], load_marker=load_marker)
 
     def eroded(r):  # a "model" that loses the rim of every cell
         m = images[r.tile_id][0]
         return np.where(ndimage.grey_erosion(m, size=3) == m, m, 0)
 
-    model = ds.tile_table(man, load_mask=eroded, load_marker=load_marker)
+    model = tile_table(man, load_mask=eroded, load_marker=load_marker)
     clin = pd.DataFrame({"projid": np.arange(100, 106), "braaksc": [0, 1, 2, 3, 4, 5.0], "gpath": [1, 0, 3, 2, 5, 4.0]})
-    sens = ds.threshold_sensitivity(truth, clin, ["braaksc", "gpath"], B=50, seed=0)
+    sens = threshold_sensitivity(truth, clin, ["braaksc", "gpath"], B=50, seed=0)
     assert sorted(sens["percentile"].unique()) == [60, 70, 75, 80, 90]
     at75 = sens[sens.percentile == 75].drop(columns="percentile").reset_index(drop=True)
-    direct = ds.analyse(truth, clin, ["braaksc", "gpath"], B=50, seed=0).correlations
+    direct = analyse(truth, clin, ["braaksc", "gpath"], B=50, seed=0).correlations
     pd.testing.assert_frame_equal(at75, direct)
-    cmp = ds.compare_models({"truth": truth, "model": model, "same": truth.copy()}, clin, ["braaksc", "gpath"],
-                            truth="truth", B=50, seed=0)
+    cmp = compare_models({"truth": truth, "model": model, "same": truth.copy()}, clin, ["braaksc", "gpath"],
+                         truth="truth", B=50, seed=0)
     side = cmp["side_by_side"]
     np.testing.assert_array_equal(side["rho_same"], side["rho_truth"])
     assert (side["abs_rho_diff_vs_truth_same"].fillna(0) == 0).all() and side["same_call_as_truth_same"].all()
@@ -396,7 +400,7 @@ def test_threshold_sensitivity_and_compare_models():
     assert (agree.xs("same")["median_abs_rel_error"] == 0).all()
     assert (agree.xs("model").loc[("gfap", "total_per_mpx"), "rho_vs_truth"]) > 0.5
     with pytest.raises(SeglabError, match="different tiles"):
-        ds.compare_models({"truth": truth, "model": model.iloc[1:]}, clin, ["braaksc"], B=0)
+        compare_models({"truth": truth, "model": model.iloc[1:]}, clin, ["braaksc"], B=0)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -414,8 +418,8 @@ def test_null_calibration_bh_controls_fdr_over_200_cohorts():
     outs = ["braaksc", "cogdx", "gpath", "nft"]
     fdp_bh, fdp_raw, power = [], [], []
     for s in range(200):
-        tiles, clin = ds.synthetic_tile_table(25, 3, effects, outcomes=outs, seed=1000 + s, cells_per_tile=60)
-        res = ds.correlate(ds.join_clinical(ds.donor_features(tiles), clin, outs))
+        tiles, clin = synthetic_tile_table(25, 3, effects, outcomes=outs, seed=1000 + s, cells_per_tile=60)
+        res = correlate(join_clinical(donor_features(tiles), clin, outs))
         null = res["marker"].isin(["neun", "olig2", "pecam"]).to_numpy()
         for disc, acc in ((res["q"] < alpha, fdp_bh), (res["p"] < alpha, fdp_raw)):
             disc = disc.to_numpy()
@@ -435,7 +439,7 @@ def test_plots_draw_headless_and_mark_significance(cohort_tables, tmp_path):
 
     tiles, clin = cohort_tables
     outs = ["braaksc", "cogdx", "gpath"]
-    a = ds.analyse(tiles, clin, outs, B=30, seed=0)
+    a = analyse(tiles, clin, outs, B=30, seed=0)
     fig = pdn.rho_heatmap(a.correlations, "ratio")
     texts = [t.get_text() for t in fig.axes[0].texts]
     ratio = a.correlations[a.correlations.feature == "ratio"]
@@ -443,10 +447,10 @@ def test_plots_draw_headless_and_mark_significance(cohort_tables, tmp_path):
     assert sum(t.endswith("*") for t in texts) == int((ratio["q"] < 0.05).sum())
     fig.savefig(tmp_path / "heat.png")
     man, images = _manifest_and_images(seed=2, n_donors=6, tiles=2)
-    img_tiles = ds.tile_table(man, load_mask=lambda r: images[r.tile_id][0], load_marker=lambda r: images[r.tile_id][1])
+    img_tiles = tile_table(man, load_mask=lambda r: images[r.tile_id][0], load_marker=lambda r: images[r.tile_id][1])
     img_clin = pd.DataFrame({"projid": np.arange(100, 106), "braaksc": [0, 1, 2, 3, 4, 5.0]})
-    sens = ds.threshold_sensitivity(img_tiles, img_clin, ["braaksc"], B=0)
-    cmp = ds.compare_models({"a": tiles, "b": tiles.copy()}, clin, outs, truth="a", B=20, seed=0)
+    sens = threshold_sensitivity(img_tiles, img_clin, ["braaksc"], B=0)
+    cmp = compare_models({"a": tiles, "b": tiles.copy()}, clin, outs, truth="a", B=20, seed=0)
     for f in (pdn.stability_plot(a.correlations), pdn.sensitivity_plot(sens),
               pdn.compare_heatmaps(cmp["side_by_side"], ["a", "b"]), pdn.recovery_bars(cmp["recovery"])):
         f.savefig(tmp_path / "f.png")

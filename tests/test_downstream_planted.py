@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seglab.downstream import analysis as ds
+from seglab.downstream.cohort import OUTCOMES, donor_features
+from seglab.downstream.correlate import analyse, compare_models
+from seglab.downstream.features import tile_table
 
 ALPHA = 0.05
 SIZE_PX = 256
@@ -31,25 +33,25 @@ def planted(tmp_path_factory):
                              size_px=SIZE_PX, seed=4)
     truth = load_truth(cohort)
     manifest = data.cohort_manifest(cohort)
-    tiles = ds.tile_table(manifest)  # ground-truth masks, default loaders of seglab.data.manifest
+    tiles = tile_table(manifest)  # ground-truth masks, default loaders of seglab.data.manifest
     clinical = pd.read_csv(cohort / "clinical.csv")
     # the latent score as one more "outcome": the planted truth without clinical noise
     z = {int(d): rec["latent_score"] for d, rec in truth["donors"].items()}
     clinical["latent_score"] = clinical["projid"].map(z)
-    outcomes = [*ds.OUTCOMES, "latent_score"]
+    outcomes = [*OUTCOMES, "latent_score"]
     tc = truth_counts(cohort)
     true_tiles = tc.assign(tile_id=tc["donor"].astype(str) + "_" + tc["marker"], area_px=tc["n_tiles"] * SIZE_PX ** 2,
                            n_total_cells=tc["n_total"], n_marker_positive=tc["n_positive"])
-    got = ds.analyse(tiles, clinical, outcomes, B=100, seed=0, alpha=ALPHA)
-    ref = ds.analyse(true_tiles, clinical, outcomes, B=0, alpha=ALPHA)
+    got = analyse(tiles, clinical, outcomes, B=100, seed=0, alpha=ALPHA)
+    ref = analyse(true_tiles, clinical, outcomes, B=0, alpha=ALPHA)
     key = ["marker", "feature", "outcome"]
     both = got.correlations.merge(ref.correlations[key + ["rho", "q"]], on=key, suffixes=("", "_truth"))
     return {"truth": truth, "truth_dir": str(cohort), "tiles": tiles, "true_tiles": true_tiles, "got": got, "both": both, "clinical": clinical}
 
 
 def test_ground_truth_masks_give_the_true_cell_counts(planted):
-    d = ds.donor_features(planted["tiles"]).merge(
-        ds.donor_features(planted["true_tiles"]), on=["donor", "marker"], suffixes=("", "_truth"))
+    d = donor_features(planted["tiles"]).merge(
+        donor_features(planted["true_tiles"]), on=["donor", "marker"], suffixes=("", "_truth"))
     assert len(d) == 24 * 5
     np.testing.assert_array_equal(d["n_total_cells"], d["n_total_cells_truth"])
     assert (d["n_tiles"] == 2).all()
@@ -73,7 +75,7 @@ def test_planted_effects_recovered_with_the_right_sign(planted):
         lat = ratio.loc[(marker, "latent_score")]
         assert np.sign(lat["rho"]) == sign and abs(lat["rho"]) > 0.5 and lat["q"] < ALPHA, marker
         assert lat["frac_same_sign"] == 1.0
-        for outcome in ds.OUTCOMES:
+        for outcome in OUTCOMES:
             r = ratio.loc[(marker, outcome)]
             # the outcome's own direction (ceradsc falls as pathology rises)
             direction = np.sign(clin[outcome].astype(float).corr(clin["latent_score"], method="spearman"))
@@ -110,10 +112,10 @@ def test_compare_models_on_the_simulated_cohort(planted, tmp_path):
         grown = ndimage.grey_dilation(m, size=5)
         return np.where(m > 0, m, grown)
 
-    model = ds.tile_table(manifest, load_mask=dilated)
+    model = tile_table(manifest, load_mask=dilated)
     outs = ["braaksc", "gpath", "latent_score"]
-    cmp = ds.compare_models({"truth": tiles, "dilated": model, "copy": tiles.copy()}, planted["clinical"], outs,
-                            truth="truth", B=50, seed=0)
+    cmp = compare_models({"truth": tiles, "dilated": model, "copy": tiles.copy()}, planted["clinical"], outs,
+                         truth="truth", B=50, seed=0)
     rec = cmp["recovery"].set_index("model")
     assert rec.loc["copy", "recovered"] == 1.0 and rec.loc["copy", "false_calls"] == 0.0
     assert 0 <= rec.loc["dilated", "recovered"] <= 1 and rec.loc["dilated", "n_truth_significant"] > 0

@@ -1,8 +1,8 @@
 """Figures of the downstream tables (each function returns a matplotlib Figure; no pyplot).
 
-They take the tables of :mod:`seglab.downstream.analysis`: ``Analysis.correlations``,
-:func:`~seglab.downstream.analysis.threshold_sensitivity` and
-:func:`~seglab.downstream.analysis.compare_models`'s ``side_by_side``.
+They take the tables of :mod:`seglab.downstream.correlate`: ``Analysis.correlations``,
+:func:`~seglab.downstream.correlate.threshold_sensitivity` and
+:func:`~seglab.downstream.correlate.compare_models`'s ``side_by_side``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 
 from seglab import SeglabError
-from seglab.plots.evaluation import _check_columns, _figure
+from seglab.plots.base import check_columns, new_figure
 
 
 def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
-    _check_columns(df, cols, what, source="seglab.downstream.analysis")
+    """SeglabError unless ``df`` (a table of :mod:`seglab.downstream.correlate`) has ``cols``."""
+    check_columns(df, cols, what, source="seglab.downstream.correlate")
 
 
 def _heat(ax, table: pd.DataFrame, feature: str, rho_col: str, q_col: str, alpha: float, title: str):
@@ -48,7 +49,7 @@ def rho_heatmap(correlations: pd.DataFrame, feature: str = "ratio", *, alpha: fl
                 title: str | None = None, figsize=(6, 3.2)):
     """Spearman rho by marker x outcome for one feature; ``*`` marks q < alpha (BH)."""
     _need(correlations, ["marker", "feature", "outcome", "rho", "q"], "rho_heatmap")
-    fig = _figure(figsize)
+    fig = new_figure(figsize)
     ax = fig.add_subplot()
     im = _heat(ax, correlations, feature, "rho", "q", alpha, title or f"Spearman rho, {feature} (* q < {alpha:g})")
     fig.colorbar(im, ax=ax, label="rho")
@@ -60,7 +61,7 @@ def compare_heatmaps(side_by_side: pd.DataFrame, models: Sequence[str], feature:
     """One rho heatmap per model, side by side (columns ``rho_<model>``, ``q_<model>``)."""
     for m in models:
         _need(side_by_side, [f"rho_{m}", f"q_{m}"], "compare_heatmaps")
-    fig = _figure(figsize or (4.2 * len(models), 3.2))
+    fig = new_figure(figsize or (4.2 * len(models), 3.2))
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     im = None
     for ax, m in zip(axes, models):
@@ -74,7 +75,7 @@ def stability_plot(correlations: pd.DataFrame, feature: str = "ratio", *, figsiz
     _need(correlations, ["marker", "feature", "outcome", "rho", "rho_ci_low", "rho_ci_high", "frac_significant"],
           "stability_plot")
     t = correlations[correlations["feature"] == feature].dropna(subset=["rho"]).sort_values("rho")
-    fig = _figure(figsize)
+    fig = new_figure(figsize)
     ax = fig.add_subplot()
     x = np.arange(len(t))
     ax.vlines(x, t["rho_ci_low"], t["rho_ci_high"], color="0.6", lw=1)
@@ -94,7 +95,7 @@ def sensitivity_plot(sensitivity: pd.DataFrame, feature: str = "ratio", outcome:
     if outcome is not None:
         t = t[t["outcome"] == outcome]
     g = t.groupby(["marker", "percentile"])["rho"].mean().unstack("marker")
-    fig = _figure(figsize)
+    fig = new_figure(figsize)
     ax = fig.add_subplot()
     for m in g.columns:
         ax.plot(g.index, g[m], marker="o", label=m)
@@ -109,7 +110,7 @@ def recovery_bars(recovery: pd.DataFrame | Mapping, *, figsize=(4.5, 3)):
     """Per model: fraction of the truth's significant tests recovered, and fraction of false calls."""
     r = pd.DataFrame(recovery)
     _need(r, ["model", "recovered", "false_calls"], "recovery_bars")
-    fig = _figure(figsize)
+    fig = new_figure(figsize)
     ax = fig.add_subplot()
     x = np.arange(len(r))
     ax.bar(x - 0.2, r["recovered"], 0.4, label="recovered (truth significant, same sign)")

@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 
 from seglab import SeglabError
+from seglab.plots.base import check_columns, new_figure
 
+SOURCE = "seglab.evaluate.metrics.evaluate"  # where the tables these figures take come from
 METRIC_LABELS = {
     "ap": "AP = TP / (TP + FP + FN)",
     "f1": "F1",
@@ -29,16 +31,10 @@ METRIC_LABELS = {
 }
 
 
-def _figure(figsize):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=figsize, layout="constrained")
-
-
 def _figure_and_axes(ax, figsize):
     """(figure, axes): a new figure with one axes, or the figure of the axes given."""
     if ax is None:
-        fig = _figure(figsize)
+        fig = new_figure(figsize)
         return fig, fig.add_subplot()
     return ax.figure, ax
 
@@ -48,14 +44,6 @@ def _scored_images(per_image: pd.DataFrame) -> pd.DataFrame:
     if "both_empty" in per_image.columns:
         return per_image[~per_image["both_empty"].astype(bool)]
     return per_image
-
-
-def _check_columns(df: pd.DataFrame, columns: Sequence[str], what: str,
-                   source: str = "seglab.evaluate.metrics.evaluate") -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise SeglabError(f"{what}: missing column(s) {missing} (have {list(df.columns)}); "
-                          f"pass a table from {source}")
 
 
 def plot_metric_vs_threshold(result, metrics: Sequence[str] = ("ap", "f1"), *, summary: str = "pooled",
@@ -88,7 +76,7 @@ def plot_metric_vs_threshold(result, metrics: Sequence[str] = ("ap", "f1"), *, s
     else:
         table = result
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-    _check_columns(table, ["threshold", *metrics], "plot_metric_vs_threshold")
+    check_columns(table, ["threshold", *metrics], "plot_metric_vs_threshold", source=SOURCE)
     fig, ax = _figure_and_axes(ax, figsize)
     table = table.sort_values("threshold")
     x = table["threshold"].to_numpy(float)
@@ -135,7 +123,7 @@ def plot_group_bars(per_image: pd.DataFrame, group: str, metric: str = "ap", thr
     """
     if hasattr(per_image, "per_image"):
         per_image = per_image.per_image
-    _check_columns(per_image, ["threshold", group, metric], "plot_group_bars")
+    check_columns(per_image, ["threshold", group, metric], "plot_group_bars", source=SOURCE)
     at = np.isclose(per_image["threshold"].to_numpy(float), threshold)
     if not at.any():
         raise SeglabError(f"plot_group_bars: threshold {threshold} was not evaluated "
@@ -177,9 +165,9 @@ def plot_model_bars(per_image: pd.DataFrame, metrics: Sequence[str] = ("ap", "pr
     each image as a dot (the spread over images).
 
     ``per_image``: per-image rows of several models with a ``model`` column
-    (``seglab.experiments.study.per_image_long``). Images where both masks are empty are left out.
+    (``seglab.evaluate.scoring.per_image_long``). Images where both masks are empty are left out.
     """
-    _check_columns(per_image, ["model", "threshold", *metrics], "plot_model_bars")
+    check_columns(per_image, ["model", "threshold", *metrics], "plot_model_bars", source=SOURCE)
     sub = per_image[np.isclose(per_image["threshold"].to_numpy(float), threshold)]
     sub = _scored_images(sub)
     models = list(model_order) if model_order else list(dict.fromkeys(sub["model"]))
@@ -210,9 +198,9 @@ def plot_model_bars(per_image: pd.DataFrame, metrics: Sequence[str] = ("ap", "pr
 def plot_group_model_bars(table: pd.DataFrame, group: str = "marker", metric: str = "ap", *,
                           threshold: float = 0.5, model_order: Sequence[str] | None = None, ax=None,
                           figsize=(8, 3.5)):
-    """Bars per group value (e.g. marker) and model of a per-group table (``seglab.experiments.study.per_group_table``),
+    """Bars per group value (e.g. marker) and model of a per-group table (``seglab.evaluate.scoring.per_group_table``),
     with the SD over images as error bars when the table has ``<metric>_sd``."""
-    _check_columns(table, ["model", group, metric], "plot_group_model_bars")
+    check_columns(table, ["model", group, metric], "plot_group_model_bars", source=SOURCE)
     sub = table
     if "threshold" in table.columns:
         sub = table[np.isclose(table["threshold"].to_numpy(float), threshold)]
@@ -244,7 +232,7 @@ def plot_heatmap(table: pd.DataFrame, row: str, col: str, value: str, *, ax=None
     """A heatmap of ``value`` over two parameters (e.g. flow_threshold x cellprob_threshold), each cell
     annotated; ``best`` ({row: v, col: v}) outlines one cell (the selected setting); ``center`` makes
     the colour scale symmetric around a value (e.g. 1 for predicted / true counts, with a diverging cmap)."""
-    _check_columns(table, [row, col, value], "plot_heatmap")
+    check_columns(table, [row, col, value], "plot_heatmap", source=SOURCE)
     grid = table.pivot_table(index=row, columns=col, values=value, aggfunc="mean").sort_index().sort_index(axis=1)
     fig, ax = _figure_and_axes(ax, figsize)
     arr = grid.to_numpy(float)
@@ -319,7 +307,7 @@ def plot_example_tiles(images: Sequence[np.ndarray], truths: Sequence[np.ndarray
     from matplotlib.lines import Line2D
 
     n, k = len(images), len(preds)
-    fig = _figure((cell_in * k, cell_in * n + 0.5))
+    fig = new_figure((cell_in * k, cell_in * n + 0.5))
     axes = fig.subplots(n, k, squeeze=False)
     for i in range(n):
         for j, (model, masks) in enumerate(preds.items()):
@@ -335,9 +323,9 @@ def plot_sensitivity(table: pd.DataFrame, metrics: Sequence[str] = ("ap", "count
                      hue: str | None = None, panel_in: float = 2.8, marks: dict | None = None):
     """One panel per parameter (column ``parameter``), ``value`` on x, one line per metric (and per
     ``hue`` value, e.g. model). ``marks``: {parameter: value} draws a dotted line at the default."""
-    _check_columns(table, ["parameter", "value", *metrics], "plot_sensitivity")
+    check_columns(table, ["parameter", "value", *metrics], "plot_sensitivity", source=SOURCE)
     params = list(dict.fromkeys(table["parameter"]))
-    fig = _figure((panel_in * len(params), panel_in * 0.95 * len(metrics)))
+    fig = new_figure((panel_in * len(params), panel_in * 0.95 * len(metrics)))
     axes = fig.subplots(len(metrics), len(params), squeeze=False)
     hues = list(dict.fromkeys(table[hue])) if hue else [None]
     for j, p in enumerate(params):
