@@ -51,14 +51,16 @@ E2_CELLS = [
                    "weight_decay = 0.0001\nbatch_size = 4\nbsize = 64\nnimg_per_epoch = 4\nbudgets = [1]\nrepeats = 1\n"
                    'reference_full_data = True\ntorch_threads = 1\nrun_dir = None\nprofile = "interactive"'),
     ("code", "import torch\ntorch.set_num_threads(1)\nfrom seglab.workflow.runs import attach\n"
-             "from seglab import efficiency, study\nrun = attach('02_label_efficiency', run_dir, profile)"),
+             "from seglab.config.settings import TrainSettings\n"
+             "from seglab.experiments import efficiency\nfrom seglab.segment import finetuning\n"
+             "run = attach('02_label_efficiency', run_dir, profile)"),
     # the fine-tunes of notebooks/02_label_efficiency.ipynb (section 2), as it makes them
-    ("code", "tp = study.train_params(dict(epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay,\n"
-             "    batch_size=batch_size, bsize=bsize, nimg_per_epoch=nimg_per_epoch, seed=seed))\n"
-             "jobs = efficiency.label_budget_jobs(baseline_model, cohort_dir, sorted(set(budgets)), repeats, train_params=tp)\n"
+    ("code", "tp = TrainSettings(epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay,\n"
+             "    batch_size=batch_size, bsize=bsize, nimg_per_epoch=nimg_per_epoch, seed=seed)\n"
+             "jobs = efficiency.label_budget_jobs(baseline_model, cohort_dir, sorted(set(budgets)), repeats, training=tp)\n"
              "if reference_full_data:\n"
-             "    jobs.append(dict(base=baseline_model, cohort_dir=cohort_dir, variant='generic', train_params=tp))\n"
-             "fits = efficiency.finetune_many(jobs, n_jobs=1)\n"
+             "    jobs.append(dict(base=baseline_model, cohort_dir=cohort_dir, variant='generic', training=tp))\n"
+             "fits = finetuning.finetune_many(jobs, n_jobs=1)\n"
              "run.summary(n_models=len(fits), n_trained_here=sum(not f['cached'] for f in fits))"),
 ]
 
@@ -69,19 +71,21 @@ E5_CELLS = [
                    'predictions_dir = "data/predictions"\nn_shards = 2\nshards = None\nbatch_tiles = 4\n'
                    'inference_batch_size = None\nrun_dir = None\nprofile = "interactive"'),
     ("code", "import torch\ntorch.set_num_threads(1)\nfrom seglab.workflow.runs import attach\n"
-             "from seglab import cohort_inference as ci, efficiency, paths, study\n"
+             "from seglab.config.settings import MaskSettings, TrainSettings\n"
+             "from seglab.core import paths\nfrom seglab.segment import cohort_prediction, finetuning\n"
              "run = attach('05_downstream', run_dir, profile)"),
     # the models and the inference of notebooks/05_downstream.ipynb (sections 1-2), as it makes them
     ("code", "params = dict(cohort_dir=cohort_dir, seed=seed, baseline_model=baseline_model, diameter_px=diameter_px,\n"
              "    epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay, batch_size=batch_size,\n"
              "    bsize=bsize, nimg_per_epoch=nimg_per_epoch, flow_threshold=flow_threshold,\n"
              "    cellprob_threshold=cellprob_threshold, min_size=min_size)\n"
-             "tp = study.train_params(params)\n"
-             "finetuned_cached = efficiency.cached_model(base=baseline_model, cohort_dir=cohort_dir, variant='generic',\n"
-             "    train_params=tp) is not None\n"
+             "tp = TrainSettings.from_params(params)\n"
+             "finetuned_cached = finetuning.cached_model(base=baseline_model, cohort_dir=cohort_dir, variant='generic',\n"
+             "    training=tp) is not None\n"
              "model_specs = {'baseline': baseline_model,\n"
-             "               'finetuned': str(study.finetune(baseline_model, cohort_dir, 'generic', train_params=tp))}\n"
-             "predictions = {name: ci.predict_cohort(spec, paths.resolve(cohort_dir) / 'tiles', ci.inference_settings(params),\n"
+             "               'finetuned': str(finetuning.finetune(baseline_model, cohort_dir, 'generic', training=tp))}\n"
+             "predictions = {name: cohort_prediction.predict_cohort(spec, paths.resolve(cohort_dir) / 'tiles',\n"
+             "    MaskSettings.from_params(params),\n"
              "    name=name, root=predictions_dir, n_shards=n_shards, shards=shards, batch_tiles=batch_tiles,\n"
              "    batch_size=inference_batch_size) for name, spec in model_specs.items()}\n"
              "run.summary(finetuned_cached=finetuned_cached,\n"

@@ -9,12 +9,15 @@ import pandas as pd
 import pytest
 
 from seglab import SeglabError
+from seglab.config.settings import MaskSettings
 from seglab.experiments import cohort_inference as ci
 from seglab.downstream.correlate import analyse
 from seglab.downstream.features import tile_table
 from seglab.downstream.synthetic import synthetic_tile_table
+from seglab.segment import cohort_prediction
+from seglab.downstream import planted
 
-SETTINGS = {"diameter_px": None, "flow_threshold": 0.4, "cellprob_threshold": 0.0, "min_size": 5}
+SETTINGS = MaskSettings(min_size=5)
 
 
 def _write_tiles(folder, n=4, size=64, seed=0):
@@ -45,29 +48,22 @@ def tiles(tmp_path):
 
 def test_prediction_key_is_content_addressed(tiles, tmp_path):
     d, _ = tiles
-    th, n = ci.tiles_sha256(d)
+    th, n = cohort_prediction.tiles_sha256(d)
     assert n == 4
-    k1 = ci.prediction_key("a" * 64, SETTINGS, th)
-    assert k1 == ci.prediction_key("a" * 64, dict(reversed(list(SETTINGS.items()))), th)
+    k1 = cohort_prediction.prediction_key("a" * 64, SETTINGS, th)
+    assert k1 == cohort_prediction.prediction_key("a" * 64, MaskSettings(min_size=5, diameter_px=None), th)
     assert k1.startswith("a" * 16 + "-")
-    assert k1 != ci.prediction_key("b" * 64, SETTINGS, th)
-    assert k1 != ci.prediction_key("a" * 64, {**SETTINGS, "flow_threshold": 0.5}, th)
+    assert k1 != cohort_prediction.prediction_key("b" * 64, SETTINGS, th)
+    assert k1 != cohort_prediction.prediction_key("a" * 64, SETTINGS.replace(flow_threshold=0.5), th)
     # a changed tile changes the folder
     import tifffile
 
     arr = tifffile.imread(d / "t0.tif")
     tifffile.imwrite(d / "t0.tif", arr + 1)
-    assert ci.tiles_sha256(d)[0] != th
-    with pytest.raises(SeglabError, match="not known"):
-        ci.prediction_key("a" * 64, {**SETTINGS, "niter": 3}, th)
+    assert cohort_prediction.tiles_sha256(d)[0] != th
+    assert k1 != cohort_prediction.prediction_key("a" * 64, SETTINGS.replace(niter=3), th)
 
 
-def test_inference_settings_from_params():
-    p = {"diameter_px": None, "flow_threshold": 1, "cellprob_threshold": 0, "min_size": 15, "epochs": 3}
-    s = ci.inference_settings(p)
-    assert s == {"diameter_px": None, "flow_threshold": 1.0, "cellprob_threshold": 0.0, "min_size": 15}
-    with pytest.raises(SeglabError, match="min_size"):
-        ci.inference_settings({k: v for k, v in p.items() if k != "min_size"})
 
 
 def test_predict_cohort_writes_resumes_and_reuses(tiles, tmp_path, monkeypatch):
@@ -75,85 +71,85 @@ def test_predict_cohort_writes_resumes_and_reuses(tiles, tmp_path, monkeypatch):
 
     d, counts = tiles
     root = tmp_path / "pred"
-    first = ci.predict_cohort("classical", d, SETTINGS, name="cl", root=root, log=lambda *a: None)
+    first = cohort_prediction.predict_cohort("classical", d, SETTINGS, name="cl", root=root, log=lambda *a: None)
     assert first.n_tiles == 4 and first.n_predicted == 4 and first.n_reused == 0
-    assert first.folder.parent == root and first.folder.name.startswith(ci.model_sha256("classical")[:16])
+    assert first.folder.parent == root and first.folder.name.startswith(models.model_id("classical")[:16])
     assert dict(zip(first.table["tile"], first.table["n_cells"])) == counts
-    rec = json.loads((first.folder / ci.RECORD).read_text())
-    assert rec["settings"] == SETTINGS and rec["n_tiles"] == 4
+    rec = json.loads((first.folder / cohort_prediction.RECORD).read_text())
+    assert rec["settings"] == SETTINGS.as_dict() and rec["n_tiles"] == 4
 
     # everything there: reused without loading the model
     def no_load(*a, **k):
         raise AssertionError("the model must not be loaded when every tile is done")
 
     monkeypatch.setattr(models, "load", no_load)
-    again = ci.predict_cohort("classical", d, SETTINGS, root=root, log=lambda *a: None)
+    again = cohort_prediction.predict_cohort("classical", d, SETTINGS, root=root, log=lambda *a: None)
     assert again.folder == first.folder and again.n_predicted == 0 and again.n_reused == 4
     pd.testing.assert_frame_equal(again.table, first.table)
     monkeypatch.undo()
 
     # an interrupted run (one mask lost) redoes that tile only
     (first.folder / "t2.tif").unlink()
-    resumed = ci.predict_cohort("classical", d, SETTINGS, root=root, log=lambda *a: None)
+    resumed = cohort_prediction.predict_cohort("classical", d, SETTINGS, root=root, log=lambda *a: None)
     assert resumed.n_predicted == 1
     assert dict(zip(resumed.table["tile"], resumed.table["n_cells"])) == counts
 
     # other settings: another folder
-    other = ci.predict_cohort("classical", d, {**SETTINGS, "min_size": 200}, root=root, log=lambda *a: None)
+    other = cohort_prediction.predict_cohort("classical", d, SETTINGS.replace(min_size=200), root=root, log=lambda *a: None)
     assert other.folder != first.folder and (other.table["n_cells"] == 0).all()
 
 
 def test_shards_split_the_tiles_and_a_subset_is_a_sample(tiles, tmp_path):
     d, counts = tiles
     root = tmp_path / "pred"
-    part = ci.predict_cohort("classical", d, SETTINGS, root=root, n_shards=2, shards=[0], log=lambda *a: None)
+    part = cohort_prediction.predict_cohort("classical", d, SETTINGS, root=root, n_shards=2, shards=[0], log=lambda *a: None)
     assert list(part.table["tile"]) == ["t0", "t2"] and part.n_predicted == 2
     with pytest.raises(SeglabError, match="2 of 4 tiles have no predicted mask"):
-        ci.collect_table(part.folder, list(counts))
-    done = ci.predict_cohort("classical", d, SETTINGS, root=root, n_shards=2, log=lambda *a: None)
+        cohort_prediction.collect_table(part.folder, list(counts))
+    done = cohort_prediction.predict_cohort("classical", d, SETTINGS, root=root, n_shards=2, log=lambda *a: None)
     assert done.n_predicted == 2 and sorted(done.table["shard"]) == ["0/2", "0/2", "1/2", "1/2"]
     assert sorted((done.folder).glob("tiles_shard-*")) == [done.folder / "tiles_shard-0-of-2.tsv",
                                                            done.folder / "tiles_shard-1-of-2.tsv"]
     with pytest.raises(SeglabError, match="--shard 2/2"):
-        ci.predict_cohort("classical", d, SETTINGS, root=root, n_shards=2, shards=[2], log=lambda *a: None)
+        cohort_prediction.predict_cohort("classical", d, SETTINGS, root=root, n_shards=2, shards=[2], log=lambda *a: None)
 
 
 def test_shards_in_worker_processes_give_the_same_masks(tiles, tmp_path):
     import tifffile
 
     d, counts = tiles
-    serial = ci.predict_cohort("classical", d, SETTINGS, root=tmp_path / "a", n_shards=3, log=lambda *a: None)
-    parallel = ci.predict_cohort("classical", d, SETTINGS, root=tmp_path / "b", n_shards=3, n_jobs=2,
+    serial = cohort_prediction.predict_cohort("classical", d, SETTINGS, root=tmp_path / "a", n_shards=3, log=lambda *a: None)
+    parallel = cohort_prediction.predict_cohort("classical", d, SETTINGS, root=tmp_path / "b", n_shards=3, n_jobs=2,
                                  log=lambda *a: None)
     assert parallel.n_predicted == 4 and dict(zip(parallel.table["tile"], parallel.table["n_cells"])) == counts
     for tid in counts:
         assert np.array_equal(tifffile.imread(serial.folder / f"{tid}.tif"), tifffile.imread(parallel.folder / f"{tid}.tif"))
     with pytest.raises(SeglabError, match="n_jobs=0"):
-        ci.predict_cohort("classical", d, SETTINGS, root=tmp_path / "c", n_jobs=0, log=lambda *a: None)
+        cohort_prediction.predict_cohort("classical", d, SETTINGS, root=tmp_path / "c", n_jobs=0, log=lambda *a: None)
 
 
 def test_a_folder_made_for_something_else_is_refused(tiles, tmp_path):
     d, _ = tiles
     root = tmp_path / "pred"
-    p = ci.predict_cohort("classical", d, SETTINGS, root=root, log=lambda *a: None)
-    rec = json.loads((p.folder / ci.RECORD).read_text())
-    rec["model_sha256"] = "0" * 64
-    (p.folder / ci.RECORD).write_text(json.dumps(rec))
+    p = cohort_prediction.predict_cohort("classical", d, SETTINGS, root=root, log=lambda *a: None)
+    rec = json.loads((p.folder / cohort_prediction.RECORD).read_text())
+    rec["model_id"] = "0" * 64
+    (p.folder / cohort_prediction.RECORD).write_text(json.dumps(rec))
     with pytest.raises(SeglabError, match="another model"):
-        ci.predict_cohort("classical", d, SETTINGS, root=root, log=lambda *a: None)
+        cohort_prediction.predict_cohort("classical", d, SETTINGS, root=root, log=lambda *a: None)
 
 
 def test_mask_loader_feeds_tile_table(tiles, tmp_path):
     d, counts = tiles
-    p = ci.predict_cohort("classical", d, SETTINGS, root=tmp_path / "pred", log=lambda *a: None)
+    p = cohort_prediction.predict_cohort("classical", d, SETTINGS, root=tmp_path / "pred", log=lambda *a: None)
     manifest = pd.DataFrame({"tile_id": list(counts), "donor": [1, 1, 2, 2], "marker": "gfap"})
     import tifffile
 
-    t = tile_table(manifest, load_mask=ci.mask_loader(p.folder),
+    t = tile_table(manifest, load_mask=cohort_prediction.mask_loader(p.folder),
                    load_marker=lambda r: tifffile.imread(d / f"{r['tile_id']}.tif")[1])
     assert dict(zip(t["tile_id"], t["n_total_cells"])) == counts
     with pytest.raises(SeglabError, match="no predicted mask for tile nope"):
-        ci.mask_loader(p.folder)({"tile_id": "nope"})
+        cohort_prediction.mask_loader(p.folder)({"tile_id": "nope"})
 
 
 def _truth(effects, z):
@@ -178,7 +174,7 @@ def test_planted_recovery_counts_signs_recoveries_and_false_positives():
     # sign; b/down rho NaN (not counted); one null false positive
     model_c = corr([("a", "up", 0.6, 0.01), ("a", "down", -0.2, 0.4), ("b", "up", 0.4, 0.03),
                     ("b", "down", np.nan, np.nan), ("n", "up", 0.5, 0.04), ("n", "down", 0.0, 0.9)])
-    per, pm = ci.planted_recovery({"truth": truth_c, "model": model_c}, truth, clinical)
+    per, pm = planted.planted_recovery({"truth": truth_c, "model": model_c}, truth, clinical)
     exp = per[per["model"] == "truth"].set_index(["marker", "outcome"])["expected_sign"]
     assert exp[("a", "up")] == 1 and exp[("a", "down")] == -1 and exp[("b", "up")] == -1 and exp[("b", "down")] == 1
     assert exp[("n", "up")] == 0
@@ -193,7 +189,7 @@ def test_planted_recovery_counts_signs_recoveries_and_false_positives():
     # |0.6-0.7| + |-0.2+0.7| + |0.4+0.5| + |0.5-0.1| + 0 over the 5 finite pairs
     assert pm.loc["model", "mean_abs_rho_diff_vs_truth"] == pytest.approx((0.1 + 0.5 + 0.9 + 0.4 + 0) / 5)
     with pytest.raises(SeglabError, match="no planted effect"):
-        ci.planted_recovery({"truth": truth_c.assign(marker="zzz")}, truth, clinical)
+        planted.planted_recovery({"truth": truth_c.assign(marker="zzz")}, truth, clinical)
 
 
 def test_planted_recovery_on_a_synthetic_cohort_with_the_downstream_engine():
@@ -204,10 +200,10 @@ def test_planted_recovery_on_a_synthetic_cohort_with_the_downstream_engine():
     clin["o2"] = -clin["o2"]  # an outcome that falls as the latent score rises (like ceradsc)
     truth = _truth(effects, dict(zip(clin["projid"], clin["latent_score"])))
     a = analyse(tiles, clin, ["o1", "o2"], B=0)
-    per, pm = ci.planted_recovery({"truth": a.correlations}, truth, clin, reference=None)
+    per, pm = planted.planted_recovery({"truth": a.correlations}, truth, clin, reference=None)
     row = pm.iloc[0]
     assert row["n_planted_tests"] == 4 and row["recovered"] == 1.0 and row["false_positives"] == 0
-    latent = ci.latent_rho({"truth": a.donors}, truth)
+    latent = planted.latent_rho({"truth": a.donors}, truth)
     lat = latent.set_index("marker")
     assert lat.loc["gfap", "rho_latent"] > 0.6 and lat.loc["neun", "rho_latent"] < -0.6
     assert abs(lat.loc["olig2", "rho_latent"]) < 0.4 and lat.loc["gfap", "n_donors"] == 40
@@ -218,7 +214,7 @@ def test_planted_recovery_on_a_synthetic_cohort_with_the_downstream_engine():
 def test_count_agreement_pairs_tiles():
     t = pd.DataFrame({"tile_id": ["a", "b"], "donor": [1, 2], "marker": "m", "n_total_cells": [3, 4],
                       "n_marker_positive": [1, 2]})
-    out = ci.count_agreement({"truth": t, "m1": t.assign(n_total_cells=[5, 4])})
+    out = planted.count_agreement({"truth": t, "m1": t.assign(n_total_cells=[5, 4])})
     assert list(out["n_total_cells"]) == [5, 4] and list(out["n_total_cells_truth"]) == [3, 4]
     with pytest.raises(SeglabError):
-        ci.count_agreement({"m1": t})
+        planted.count_agreement({"m1": t})

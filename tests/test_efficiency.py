@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from seglab import SeglabError
+from seglab.config.settings import MaskSettings, TrainSettings
 from seglab.data import manifest as data
 from seglab.experiments import efficiency
 from seglab.evaluate import metrics
@@ -25,8 +26,8 @@ def manifest(cohort):
     return data.cohort_manifest(cohort)
 
 
-TP = dict(epochs=1, learning_rate=0.01, weight_decay=1e-4, batch_size=4, bsize=64, nimg_per_epoch=4, seed=0,
-          min_train_masks=1)
+TP = TrainSettings(epochs=1, learning_rate=0.01, weight_decay=1e-4, batch_size=4, bsize=64, nimg_per_epoch=4,
+                   seed=0, min_train_masks=1)
 
 
 def _disk(shape, cy, cx, r, label, out=None):
@@ -120,7 +121,7 @@ def test_curve_summary_and_plateau():
 def test_label_budget_runs_train_score_and_reuse(cohort, manifest, tmp_path):
     val = splitset.annotated_split(manifest, "val")
     cache = str(tmp_path / "models")
-    kw = dict(train_params=TP, val=val, cache_dir=cache, log=None)
+    kw = dict(training=TP, val=val, mask=MaskSettings(), cache_dir=cache, log=None)
     # without rescoring, training scores each model on validation and the notebook reads it back
     quick, none = efficiency.label_budget_runs("tiny-xs", str(cohort), [2, 1], 1, rescore=False, **kw)
     assert none.empty and not quick["cached"].any()
@@ -137,7 +138,8 @@ def test_label_budget_runs_train_score_and_reuse(cohort, manifest, tmp_path):
     assert runs["cached"].all() and len(per) == len(runs) * len(val)
     assert np.allclose(quick["ap_pooled"], runs["ap_pooled"], atol=1e-6)
     with pytest.raises(SeglabError, match="rescore_per_image"):
-        efficiency.label_budget_runs("tiny-xs", str(cohort), [1], 1, rescore=False, flow_threshold=0.6, **kw)
+        efficiency.label_budget_runs("tiny-xs", str(cohort), [1], 1, rescore=False,
+                                     **{**kw, "mask": MaskSettings(flow_threshold=0.6)})
     # a model trained for rescoring skips training's validation pass: nothing to read back
     fresh, _ = efficiency.label_budget_runs("tiny-xs", str(cohort), [1], 1, **{**kw, "cache_dir": str(tmp_path / "m2")})
     assert "val_ap50_pooled" not in (models.read_sidecar(fresh.loc[0, "model"]).get("metrics") or {})
@@ -146,8 +148,8 @@ def test_label_budget_runs_train_score_and_reuse(cohort, manifest, tmp_path):
     fig = efficiency.plot_learning_curve(runs, {"ap_pooled": "val AP", "ap_mean": "val AP (mean)"},
                                          references={"ap_pooled": {"baseline": 0.1, "all tiles": 0.5}},
                                          plateau={"ap_pooled": 2}, tolerance=0.02)
-    assert efficiency.label_budget_jobs("g", "c", [4, 12], 2, train_params=TP)[1] == dict(
-        base="g", cohort_dir="c", variant="label_budget", train_params=TP, budget=4, budget_seed=1,
+    assert efficiency.label_budget_jobs("g", "c", [4, 12], 2, training=TP)[1] == dict(
+        base="g", cohort_dir="c", variant="label_budget", training=TP, budget=4, budget_seed=1,
         cache_dir=finetuning.MODEL_CACHE, validate=True)
     assert len(fig.axes) == 2
     labels = fig.axes[0].get_legend_handles_labels()[1]
@@ -168,7 +170,7 @@ def test_lomo_markers(manifest):
 
 def test_lomo_finetune_evaluate_and_gap(cohort, manifest, tmp_path):
     markers = efficiency.lomo_markers(manifest)[:2]
-    lomo = efficiency.finetune_lomo("tiny-xs", str(cohort), markers, train_params=TP,
+    lomo = efficiency.finetune_lomo("tiny-xs", str(cohort), markers, training=TP,
                                     cache_dir=str(tmp_path / "models"), log=None)
     assert list(lomo["marker"]) == markers
     marker_of = dict(zip(manifest["tile_id"], manifest["marker"]))
@@ -178,7 +180,7 @@ def test_lomo_finetune_evaluate_and_gap(cohort, manifest, tmp_path):
         assert side["train_tiles"] and all(marker_of[t] != r["marker"] for t in side["train_tiles"])
     test = splitset.annotated_split(manifest, "test")
     calls = []
-    table, per = efficiency.evaluate_lomo(lomo, {"baseline": "tiny-xs"}, test,
+    table, per = efficiency.evaluate_lomo(lomo, {"baseline": "tiny-xs"}, test, MaskSettings(),
                                           before=lambda name, cfg: calls.append((name, cfg["iou"])))
     assert calls == [(f"lomo_{m}", 0.5) for m in markers] + [("baseline", 0.5)]
     assert sorted(zip(table["marker"], table["model"])) == sorted((m, k) for m in markers for k in ("lomo", "baseline"))
@@ -199,7 +201,7 @@ def test_lomo_finetune_evaluate_and_gap(cohort, manifest, tmp_path):
 
 def test_cached_model_names_the_folder_finetune_writes_and_parallel_jobs_fill_it(cohort, tmp_path):
     cache = str(tmp_path / "models")
-    jobs = [dict(base="tiny-xs", cohort_dir=str(cohort), variant="label_budget", train_params=TP, budget=2,
+    jobs = [dict(base="tiny-xs", cohort_dir=str(cohort), variant="label_budget", training=TP, budget=2,
                  budget_seed=s, cache_dir=cache) for s in (0, 1)]
     assert finetuning.cached_model(**jobs[0]) is None
     par = finetuning.finetune_many(jobs, n_jobs=2, log=None)

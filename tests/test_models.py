@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from seglab.config.settings import MaskSettings
 from seglab import SeglabError
 from seglab.segment import models
 
@@ -55,7 +56,7 @@ def test_tiny_under_cellpose_eval_shapes_and_dtypes():
     assert m.net.backbone == "tiny_unet" and models.n_parameters(m.net) < 200_000
     img, _ = disks()
     for x in (img, img[None], np.stack([img, img * 0.5])):  # (Y,X), (1,Y,X), (2,Y,X) all padded to 3 channels
-        mask = m.segment(x, diameter_px=None)
+        mask = m.segment(x, MaskSettings(diameter_px="native"))
         assert mask.shape == img.shape and mask.dtype == np.uint16
     with pytest.raises(SeglabError, match=r"channel-first.*\(5, 96, 96\)"):
         m.segment(np.zeros((5, 96, 96), np.float32))
@@ -76,8 +77,8 @@ def test_batched_segment_equals_one_by_one():
     for k in range(3):
         img, _ = disks(centres=[tuple(rng.integers(15, 80, 2)) for _ in range(3)])
         imgs.append(np.stack([img * (k + 1), img[::-1] * 0.3]))
-    batched = m.segment(imgs, diameter_px=18)
-    single = [m.segment(x, diameter_px=18) for x in imgs]
+    batched = m.segment(imgs, MaskSettings(diameter_px=18))
+    single = [m.segment(x, MaskSettings(diameter_px=18)) for x in imgs]
     assert all(np.array_equal(a, b) for a, b in zip(batched, single))
 
 
@@ -105,7 +106,7 @@ def test_checkpoint_roundtrip_and_sidecar(tmp_path):
     a, b = m.net.state_dict(), back.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     img, _ = disks()
-    assert np.array_equal(m.segment(img, diameter_px=None), back.segment(img, diameter_px=None))
+    assert np.array_equal(m.segment(img, MaskSettings(diameter_px="native")), back.segment(img, MaskSettings(diameter_px="native")))
 
 
 def test_foreign_truncated_and_pickled_checkpoints_are_refused(tmp_path):
@@ -176,6 +177,6 @@ def test_generalist_sees_dapi_only():
     assert g.channels == (0,)
     img, lab = disks(r=8)
     noise = np.random.default_rng(0).uniform(0, 255, img.shape).astype(np.float32)
-    a = g.segment(img[None], diameter_px=16)
+    a = g.segment(img[None], MaskSettings(diameter_px=16))
     assert a.max() == 3
-    assert np.array_equal(a, g.segment(np.stack([img, noise]), diameter_px=16))
+    assert np.array_equal(a, g.segment(np.stack([img, noise]), MaskSettings(diameter_px=16)))

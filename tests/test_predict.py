@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import tifffile
 
+from seglab.config.settings import MaskSettings
 from seglab import SeglabError
 from seglab.segment import models
 from seglab.segment import predict
@@ -38,8 +39,8 @@ def test_list_tiles_pairs_channels_and_shards_partition(cohort):
 
 def test_predict_twice_identical_and_resumes(cohort, tmp_path, generalist):
     # shard 0/3 (5 tiles) keeps the test short; the shard is part of what is compared
-    a = predict.predict(generalist, cohort, tmp_path / "a", shard="0/3", batch_tiles=4, progress=False, diameter_px=13)
-    b = predict.predict(generalist, cohort, tmp_path / "b", shard="0/3", batch_tiles=3, progress=False, diameter_px=13)
+    a = predict.predict(generalist, cohort, tmp_path / "a", shard="0/3", batch_tiles=4, progress=False, mask=MaskSettings(diameter_px=13))
+    b = predict.predict(generalist, cohort, tmp_path / "b", shard="0/3", batch_tiles=3, progress=False, mask=MaskSettings(diameter_px=13))
     assert len(a) == 5 and (a["status"] == "done").all()
     assert a["n_cells"].sum() > 10  # the generalist finds nuclei: the comparisons below are not vacuous
     for t in a["tile"]:
@@ -54,7 +55,7 @@ def test_predict_twice_identical_and_resumes(cohort, tmp_path, generalist):
     real_write = predict.write_mask
     predict.write_mask = lambda path, mask: (seen.append(path.stem), real_write(path, mask))[1]
     try:
-        c = predict.predict(generalist, cohort, tmp_path / "a", shard="0/3", progress=False, diameter_px=13)
+        c = predict.predict(generalist, cohort, tmp_path / "a", shard="0/3", progress=False, mask=MaskSettings(diameter_px=13))
     finally:
         predict.write_mask = real_write
     assert sorted(seen) == sorted(tiles[:2])  # only the lost and the half-written masks are redone
@@ -68,7 +69,7 @@ def test_predict_twice_identical_and_resumes(cohort, tmp_path, generalist):
 def test_shards_write_disjoint_tables(cohort, tmp_path):
     m = models.load("tiny-xs", gpu=False)
     for i in range(3):
-        predict.predict(m, cohort, tmp_path, shard=f"{i}/3", progress=False, diameter_px=None)
+        predict.predict(m, cohort, tmp_path, shard=f"{i}/3", progress=False, mask=MaskSettings(diameter_px="native"))
     tabs = [pd.read_csv(tmp_path / f"tiles_shard-{i}-of-3.tsv", sep="\t") for i in range(3)]
     got = sum((list(t.tile) for t in tabs), [])
     assert sorted(got) == predict.list_tiles(cohort) and len(set(got)) == len(got)
@@ -79,14 +80,14 @@ def test_shards_write_disjoint_tables(cohort, tmp_path):
 
 def test_threshold_sweep_from_saved_outputs_equals_eval(cohort, tmp_path, generalist):
     predict.predict(generalist, cohort, tmp_path, shard="0/5", save_network_outputs=True, progress=False,
-                    diameter_px=13)
+                    mask=MaskSettings(diameter_px=13))
     tile = predict.discover_tiles(cohort)[0]
     x = tile.load()
     outs = dynamics.load_outputs(tmp_path / "outputs" / f"{tile.tile_id}.npz")
     n_found = 0
     for ft, ct, ms in [(0.4, 0.0, 15), (0.0, -1.0, 5), (0.8, 1.0, 30), (0.2, 0.5, 15)]:
-        want = generalist.segment(x, diameter_px=13, flow_threshold=ft, cellprob_threshold=ct, min_size=ms)
-        got = dynamics.masks_from_outputs(outs, flow_threshold=ft, cellprob_threshold=ct, min_size=ms)
+        want = generalist.segment(x, MaskSettings(diameter_px=13, flow_threshold=ft, cellprob_threshold=ct, min_size=ms))
+        got = dynamics.masks_from_outputs(outs, MaskSettings(flow_threshold=ft, cellprob_threshold=ct, min_size=ms))
         assert np.array_equal(want, got)
         n_found += int(want.max())
     assert n_found > 0

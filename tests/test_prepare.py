@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from seglab.config.settings import MaskSettings, TrainSettings
 from seglab import SeglabError
 from seglab.experiments import efficiency
 from seglab.core import paths
@@ -21,6 +22,7 @@ from seglab.workflow import prepare
 from seglab.experiments import study
 from seglab.config.params import load_params
 from seglab.segment import finetuning
+from seglab.segment import cohort_prediction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,13 +66,13 @@ def test_items_are_the_notebooks_own_fine_tunes_and_shards_in_a_fixed_order(proj
     assert [it.label for it in items] == ["budget=1 repeat=0", "budget=1 repeat=1", "budget=2 repeat=0",
                                          "budget=2 repeat=1", "reference=finetuned_generic"]
     assert [it.index for it in items] == [0, 1, 2, 3, 4]
-    tp = finetuning.train_params(p2)
+    tp = TrainSettings.from_params(p2)
     assert [it.args for it in items[:4]] == efficiency.label_budget_jobs("tiny-xs", str(small_cohort), [1, 2], 2,
-                                                                         train_params=tp)
+                                                                         training=tp)
     # the same generic model in 01, 02 and 06: one key, so one array trains it
     e1 = prepare.work_items("01_baseline_vs_finetune", params_of("01_baseline_vs_finetune"))
     assert [it.label for it in e1] == [f"model={m}" for m in study.E1_VARIANTS]
-    assert [it.args for it in e1] == list(study.e1_finetune_jobs("tiny-xs", str(small_cohort), train_params=tp,
+    assert [it.args for it in e1] == list(study.e1_finetune_jobs("tiny-xs", str(small_cohort), training=tp,
                                                                  markers=["gfap"]).values())
     e6 = prepare.work_items("06_leave_one_marker_out", params_of("06_leave_one_marker_out", lomo_markers=[]))
     assert [it.label for it in e6] == ["held_out=gfap", "held_out=iba1", "held_out=neun", "held_out=olig2",
@@ -131,7 +133,7 @@ def test_e5_shards_fill_the_notebooks_prediction_folders_and_the_merge_check_cat
     generic = finetuning.cached_model(**prepare.work_items("01_baseline_vs_finetune",
                                                             params_of("01_baseline_vs_finetune"))[0].args)
     for spec in ("tiny-xs", str(generic)):
-        pred = ci.predict_cohort(spec, tiles_dir, ci.inference_settings(p5), root=p5["predictions_dir"],
+        pred = cohort_prediction.predict_cohort(spec, tiles_dir, MaskSettings.from_params(p5), root=p5["predictions_dir"],
                                  n_shards=2, shards=None, log=lambda *_: None)
         assert pred.n_predicted == 0 and pred.n_tiles == 15
     folder = Path(checked["baseline"]["folder"])

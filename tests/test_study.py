@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from seglab.config.settings import MaskSettings
 from seglab import SeglabError
 from seglab.segment import postprocess
 from seglab.experiments import study
@@ -60,7 +61,7 @@ def test_sweep_masks_equal_masks_from_outputs(small_set):
     got = dynamics.sweep_masks(outs[0], [0.0, 0.4, 0.8], [-1.0, 0.0, 2.0], (0, 15, 200))
     assert len(got) == 27
     for (flow, cp, ms), m in got.items():
-        ref = masks_from_outputs(outs[0], flow_threshold=flow, cellprob_threshold=cp, min_size=ms)
+        ref = masks_from_outputs(outs[0], MaskSettings(flow_threshold=flow, cellprob_threshold=cp, min_size=ms))
         assert np.array_equal(m, ref), (flow, cp, ms)
     # min_size 200 px > a disk of radius 7 (~150 px): everything goes
     assert got[(0.4, 0.0, 200)].max() == 0
@@ -157,25 +158,16 @@ def test_gate_split_counts_removed_false_and_true_positives():
 def test_outputs_sensitivity_moves_one_setting(small_set):
     split, outs = small_set
     table = sweeps.outputs_sensitivity(split, outs, {"min_size": [0, 500], "cellprob_threshold": [0.0, 6.0]},
-                                      {"flow_threshold": 0.4})
+                                      MaskSettings(flow_threshold=0.4))
     assert list(table["parameter"]) == ["min_size", "min_size", "cellprob_threshold", "cellprob_threshold"]
     t = table.set_index(["parameter", "value"])
     assert t.at[("min_size", 0), "count_ratio"] == pytest.approx(1.0)
     assert t.at[("min_size", 500), "n_pred"] == 0
     assert t.at[("cellprob_threshold", 0.0), "ap"] == pytest.approx(1.0)
     with pytest.raises(SeglabError, match="rerun"):
-        sweeps.outputs_sensitivity(split, outs, {"tile_overlap": [0.1]}, {})
+        sweeps.outputs_sensitivity(split, outs, {"tile_overlap": [0.1]}, MaskSettings())
     with pytest.raises(SeglabError, match="unknown"):
-        sweeps.rerun_sensitivity(None, split, {"gamma": [1]}, {})
-
-
-def test_train_params_takes_the_shared_keys():
-    p = {"epochs": 2, "learning_rate": 0.1, "weight_decay": 0.0, "batch_size": 2, "bsize": 64,
-         "nimg_per_epoch": None, "seed": 0, "cohort_dir": "x"}
-    assert finetuning.train_params(p) == {k: p[k] for k in ("epochs", "learning_rate", "weight_decay", "batch_size",
-                                                        "bsize", "seed")}
-    with pytest.raises(SeglabError, match="lack"):
-        finetuning.train_params({"epochs": 1})
+        sweeps.rerun_sensitivity(None, split, {"gamma": [1]}, MaskSettings())
 
 
 def test_segment_cached_reuses_the_network_outputs(tmp_path, monkeypatch, small_set):
@@ -183,19 +175,19 @@ def test_segment_cached_reuses_the_network_outputs(tmp_path, monkeypatch, small_
 
     split, _ = small_set
     model = models.load("tiny-xs", seed=0)
-    first, out1 = output_cache.segment_cached(model, split, diameter_px=None, cache_dir=str(tmp_path), log=lambda *a: None)
+    first, out1 = output_cache.segment_cached(model, split, MaskSettings(diameter_px="native"), cache_dir=str(tmp_path), log=lambda *a: None)
     assert len(first) == 2 and all(m.shape == (64, 64) for m in first)
 
     def boom(*a, **k):
         raise AssertionError("the network ran again")
 
     monkeypatch.setattr(output_cache, "segment_split", boom)
-    again, out2 = output_cache.segment_cached(model, split, diameter_px=None, cache_dir=str(tmp_path), log=lambda *a: None)
+    again, out2 = output_cache.segment_cached(model, split, MaskSettings(diameter_px="native"), cache_dir=str(tmp_path), log=lambda *a: None)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert np.array_equal(out1[0]["dP"], out2[0]["dP"])
     # other pixels (DAPI zeroed) are another cache entry
     with pytest.raises(AssertionError, match="again"):
-        output_cache.segment_cached(model, splitset.zero_dapi(split), diameter_px=None, cache_dir=str(tmp_path),
+        output_cache.segment_cached(model, splitset.zero_dapi(split), MaskSettings(diameter_px="native"), cache_dir=str(tmp_path),
                              log=lambda *a: None)
 
 
@@ -207,13 +199,13 @@ def test_rerun_sensitivity_runs_the_default_setting_once(small_set):
     calls = []
     real = model.segment
 
-    def counting(x, **kw):
-        calls.append((kw["diameter_px"], kw["tile_overlap"], kw["augment"]))
-        return real(x, **kw)
+    def counting(x, mask, **kw):
+        calls.append((mask.diameter_px, kw["tile_overlap"], kw["augment"]))
+        return real(x, mask, **kw)
 
     model.segment = counting
     table = sweeps.rerun_sensitivity(model, split, {"diameter_factor": [1.0, 2.0], "tile_overlap": [0.1],
-                                                   "augment": [False]}, {"min_size": 0})
+                                                   "augment": [False]}, MaskSettings(min_size=0))
     assert list(table["parameter"]) == ["diameter_factor", "diameter_factor", "tile_overlap", "augment"]
     # default (factor 1, overlap 0.1, no augment) once, factor 2 once: two settings x two tiles
     assert len(calls) == 4
@@ -227,9 +219,9 @@ def test_segment_cached_many_fills_the_cache_in_workers(tmp_path, monkeypatch, s
     split, _ = small_set
     model = models.load("tiny-xs", seed=0)
     splits = [split, splitset.zero_dapi(split)]
-    output_cache.segment_cached_many([dict(model=model, split=s, diameter_px=None, cache_dir=str(tmp_path / "w"))
+    output_cache.segment_cached_many([dict(model=model, split=s, mask=MaskSettings(diameter_px="native"), cache_dir=str(tmp_path / "w"))
                                for s in splits], n_jobs=2, log=lambda *a: None)
-    fresh = [output_cache.segment_cached(model, s, diameter_px=None, cache_dir=str(tmp_path / "here"), log=lambda *a: None)
+    fresh = [output_cache.segment_cached(model, s, MaskSettings(diameter_px="native"), cache_dir=str(tmp_path / "here"), log=lambda *a: None)
              for s in splits]
 
     def boom(*a, **k):
@@ -237,7 +229,7 @@ def test_segment_cached_many_fills_the_cache_in_workers(tmp_path, monkeypatch, s
 
     monkeypatch.setattr(output_cache, "segment_split", boom)
     for s, (masks, outs) in zip(splits, fresh):
-        cached_masks, cached_outs = output_cache.segment_cached(model, s, diameter_px=None, cache_dir=str(tmp_path / "w"),
+        cached_masks, cached_outs = output_cache.segment_cached(model, s, MaskSettings(diameter_px="native"), cache_dir=str(tmp_path / "w"),
                                                          log=lambda *a: None)
         assert all(np.array_equal(a, b) for a, b in zip(masks, cached_masks))
         assert all(np.allclose(a["dP"], b["dP"], atol=1e-5) for a, b in zip(outs, cached_outs))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from seglab.config.settings import MaskSettings, TrainSettings
 from seglab import SeglabError
 from seglab.segment import models
 from seglab.segment import train
@@ -47,7 +48,7 @@ def test_fit_tiny_loss_falls_and_checkpoint_loads(tiles, tmp_path):
     xs, ys, ids = tiles
     model = models.load("tiny-xs", gpu=False, seed=1)
     before = {k: v.clone() for k, v in model.net.state_dict().items()}
-    p = train.fit(model, xs, ys, ids=ids, params=train.TrainParams(n_epochs=6, checkpoint_every=3, **SMALL),
+    p = train.fit(model, xs, ys, ids=ids, params=TrainSettings(epochs=6, checkpoint_every=3, **SMALL),
                   run_dir=tmp_path / "run", progress=False)
     losses = np.loadtxt(tmp_path / "run" / "losses.tsv", skiprows=1, usecols=(0, 1, 2))
     assert losses.shape == (6, 3)
@@ -57,13 +58,13 @@ def test_fit_tiny_loss_falls_and_checkpoint_loads(tiles, tmp_path):
     assert meta["train_tiles"] == ids and meta["base_spec"] == "tiny-xs" and len(meta["losses"]["train"]) == 6
     again = models.load(p, gpu=False)
     assert _same({k: v for k, v in again.net.state_dict().items()}, model.net.state_dict())
-    mask = again.segment(xs[0], diameter_px=None)
+    mask = again.segment(xs[0], MaskSettings(diameter_px="native"))
     assert mask.shape == xs[0].shape[1:] and mask.dtype == np.uint16
 
 
 def test_kill_and_resume_gives_identical_weights(tiles, tmp_path, monkeypatch):
     xs, ys, ids = tiles
-    params = train.TrainParams(n_epochs=4, checkpoint_every=2, seed=3, **SMALL)
+    params = TrainSettings(epochs=4, checkpoint_every=2, seed=3, **SMALL)
     full = models.load("tiny-xs", gpu=False, seed=0)
     train.fit(full, xs, ys, ids=ids, params=params, run_dir=tmp_path / "a", progress=False)
     want = _weights(tmp_path / "a" / "checkpoint" / "state.pt")
@@ -97,7 +98,7 @@ def test_kill_and_resume_gives_identical_weights(tiles, tmp_path, monkeypatch):
     assert np.array_equal(a, b)
     # a different seed gives different weights: the equality above is not vacuous
     train.fit(models.load("tiny-xs", gpu=False, seed=0), xs, ys, ids=ids,
-              params=train.TrainParams(n_epochs=4, checkpoint_every=2, seed=4, **SMALL),
+              params=TrainSettings(epochs=4, checkpoint_every=2, seed=4, **SMALL),
               run_dir=tmp_path / "c", progress=False)
     assert not _same(want, _weights(tmp_path / "c" / "checkpoint" / "state.pt"))
 
@@ -107,17 +108,17 @@ def test_min_train_masks_warns_with_names(tiles, tmp_path, capsys):
     empty = np.zeros_like(ys[0])
     with pytest.warns(UserWarning, match="EMPTY_TILE"):
         train.fit(models.load("tiny-xs", gpu=False), [xs[0], xs[1]], [empty, ys[1]], ids=["EMPTY_TILE", ids[1]],
-                  params=train.TrainParams(n_epochs=1, **SMALL), run_dir=tmp_path / "r", progress=False)
+                  params=TrainSettings(epochs=1, **SMALL), run_dir=tmp_path / "r", progress=False)
     assert "DROPPED" in capsys.readouterr().err
     assert models.read_sidecar(tmp_path / "r" / "model.pt")["dropped_tiles"] == ["EMPTY_TILE"]
     with pytest.raises(SeglabError, match="min_train_masks"):
-        train.fit(models.load("tiny-xs", gpu=False), [xs[0]], [empty], params=train.TrainParams(n_epochs=1, **SMALL),
+        train.fit(models.load("tiny-xs", gpu=False), [xs[0]], [empty], params=TrainSettings(epochs=1, **SMALL),
                   run_dir=tmp_path / "r2", progress=False)
 
 
 def test_bad_params_fail_before_anything_is_written(cohort, tmp_path):
     base = {"model": "tiny-xs", "cohort_dir": str(cohort), "out_dir": str(tmp_path / "out")}
-    for extra, match in [({"epochs": -1}, "n_epochs"), ({"variant": "label_budget", "budget": 999}, "budget=999"),
+    for extra, match in [({"epochs": -1}, "epochs=-1"), ({"variant": "label_budget", "budget": 999}, "budget=999"),
                          ({"epochz": 3}, "did you mean 'epochs'"), ({"variant": "nope"}, "variant"),
                          ({"variant": "marker_specific"}, "markers"),
                          ({"variant": "marker_specific", "markers": ["xyz"]}, "xyz")]:
@@ -177,13 +178,13 @@ def test_cli_train_params_file(cohort, tmp_path, capsys):
     f.write_text(f.read_text().replace("epochs: 2", "epochs: -3"))
     assert cli.main(["train", "--params", str(f), "--out", str(tmp_path / "run2")]) == 1
     err = capsys.readouterr().err
-    assert str(f) in err and "n_epochs" in err and not (tmp_path / "run2").exists()
+    assert str(f) in err and "epochs=-3" in err and not (tmp_path / "run2").exists()
 
 
 def test_resume_refuses_a_run_with_other_params(tiles, tmp_path):
     xs, ys, ids = tiles
-    p = train.TrainParams(n_epochs=2, checkpoint_every=1, **SMALL)
+    p = TrainSettings(epochs=2, checkpoint_every=1, **SMALL)
     train.fit(models.load("tiny-xs", gpu=False), xs, ys, params=p, run_dir=tmp_path, progress=False, stop_after_epochs=1)
-    other = train.TrainParams(n_epochs=2, checkpoint_every=1, **{**SMALL, "learning_rate": 0.5})
+    other = TrainSettings(epochs=2, checkpoint_every=1, **{**SMALL, "learning_rate": 0.5})
     with pytest.raises(SeglabError, match="different training run"):
         train.fit(models.load("tiny-xs", gpu=False), xs, ys, params=other, run_dir=tmp_path, progress=False)

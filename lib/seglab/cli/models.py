@@ -30,32 +30,30 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _diameter(value):
-    if value is None:
-        return "default"
-    if value.lower() in ("auto",):
-        return "auto"
-    if value.lower() in ("none", "no"):
-        return None
-    try:
-        d = float(value)
-    except ValueError:
-        raise SeglabError(f"--diameter {value!r}: give a number of px, 'auto' or 'none'") from None
-    if not d > 0:
-        raise SeglabError(f"--diameter {value}: must be > 0 px")
-    return d
+def mask_settings(args):
+    """The profile's mask settings (params/<profile>/defaults.yaml, the notebooks' own values),
+    with the flags the user gave on top."""
+    from seglab.config.params import parse_override, shared_params
+    from seglab.config.settings import MaskSettings
+
+    given = {"flow_threshold": args.flow_threshold, "cellprob_threshold": args.cellprob_threshold,
+             "min_size": args.min_size}
+    if args.diameter is not None:
+        d = args.diameter.strip().lower()
+        given["diameter_px"] = None if d in ("default", "null") else d if d in ("auto", "native") \
+            else parse_override(f"diameter_px={args.diameter}")[1]
+    return MaskSettings.from_params(shared_params(args.profile), **{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_predict(args) -> int:
     from seglab.segment import predict
 
     _threads(args.threads)
-    diameter = _diameter(args.diameter)
+    mask = mask_settings(args)
     predict.parse_shard(args.shard)
     predict.discover_tiles(args.tiles)  # fail on an empty/missing folder before loading a model
-    df = predict.predict(args.model, args.tiles, args.out, shard=args.shard, diameter_px=diameter,
-                         flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold,
-                         min_size=args.min_size, batch_tiles=args.batch_tiles, batch_size=args.batch_size,
+    print(f"[seglab] mask settings ({args.profile} profile + flags): {mask.as_dict()}", file=sys.stderr)
+    df = predict.predict(args.model, args.tiles, args.out, mask, shard=args.shard, batch_tiles=args.batch_tiles, batch_size=args.batch_size,
                          save_network_outputs=args.save_outputs, progress=not args.quiet,
                          gpu=False if args.cpu else None)
     done = int((df["status"] == "done").sum())
@@ -69,7 +67,7 @@ def cmd_pretrain(args) -> int:
     from seglab.segment import train
 
     _threads(args.threads)
-    recipe = train.GeneralistRecipe(preset=args.preset, diam_mean_px=args.diam_mean_px, n_epochs=args.epochs,
+    recipe = train.GeneralistRecipe(preset=args.preset, diam_mean_px=args.diam_mean_px, epochs=args.epochs,
                                     nimg_per_epoch=args.nimg_per_epoch, batch_size=args.batch_size,
                                     bsize=args.bsize, learning_rate=args.learning_rate,
                                     weight_decay=args.weight_decay, scale_range=args.scale_range,
@@ -93,11 +91,14 @@ def add_commands(sub) -> None:
     p.add_argument("--tiles", required=True, help="tiles folder (cohort channel files or one TIFF per tile)")
     p.add_argument("--out", required=True, help="output folder: <tile>.tif masks + tiles_shard-I-of-N.tsv")
     p.add_argument("--shard", help="I/N: take tiles I, I+N, ... of the sorted list (Slurm arrays)")
-    p.add_argument("--diameter", help="object diameter in px, 'auto' (estimate per tile) or 'none'; "
-                                      "default: the model's (auto for tiny nets, none for cpsam)")
-    p.add_argument("--flow-threshold", type=float, default=0.4)
-    p.add_argument("--cellprob-threshold", type=float, default=0.0)
-    p.add_argument("--min-size", type=int, default=15, help="smallest object kept (px)")
+    p.add_argument("--diameter", help="object diameter in px, 'auto' (estimated per tile), 'native' (no rescaling) "
+                                      "or 'default' (the model's: auto for tiny nets, native for cpsam); "
+                                      "default: the profile's diameter_px")
+    p.add_argument("--profile", default="demo", help="params profile whose mask settings are the defaults "
+                   "(params/<profile>/defaults.yaml: diameter_px, flow_threshold, cellprob_threshold, min_size)")
+    p.add_argument("--flow-threshold", type=float, help="default: the profile's flow_threshold")
+    p.add_argument("--cellprob-threshold", type=float, help="default: the profile's cellprob_threshold")
+    p.add_argument("--min-size", type=int, help="smallest object kept (px); default: the profile's min_size")
     p.add_argument("--batch-tiles", type=int, default=8, help="tiles loaded and run together")
     p.add_argument("--batch-size", type=int, default=None,
                    help="network crops per forward pass (default: 8 on a GPU, 1 for tiny nets on the CPU)")
@@ -117,7 +118,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", help="weights path (default lib/seglab/assets/generalist_tiny.pt)")
     p.add_argument("--preset", default=r.preset, choices=["xs", "s", "m"])
     p.add_argument("--diam-mean-px", type=float, default=r.diam_mean_px, help="canonical nucleus diameter")
-    p.add_argument("--epochs", type=int, default=r.n_epochs)
+    p.add_argument("--epochs", type=int, default=r.epochs)
     p.add_argument("--nimg-per-epoch", type=int, default=r.nimg_per_epoch)
     p.add_argument("--batch-size", type=int, default=r.batch_size)
     p.add_argument("--bsize", type=int, default=r.bsize)

@@ -357,6 +357,23 @@ def load_params(name: str, profile: str, overrides: dict | None = None,
     return params, sources
 
 
+def shared_params(profile: str, block: str = "_shared", root: Path | None = None) -> dict:
+    """The validated values of an include block's keys in ``profile`` (block defaults <
+    ``params/<profile>/defaults.yaml``): what every notebook including the block sees, for
+    commands that run outside a notebook (``seglab predict`` takes its mask settings here)."""
+    root = root or paths.project_root()
+    path = schema_dir(root) / f"{block}.yaml"
+    if block not in include_names(root):
+        raise ParamsError(f"{path}: no such block; blocks: {', '.join(include_names(root))}")
+    specs = {k: _spec(k, s, path) for k, s in read_yaml(path).items()}
+    defaults_file = root / "params" / profile / "defaults.yaml"
+    if not defaults_file.parent.is_dir():
+        known = sorted(p.name for p in (root / "params").iterdir() if p.is_dir() and p.name != "schema")
+        raise ParamsError(f"profile '{profile}' not found: no folder {defaults_file.parent}; profiles: {', '.join(known)}")
+    given = read_yaml(defaults_file) if defaults_file.is_file() else {}
+    return validate({k: v for k, v in given.items() if k in specs}, Schema(block, path, specs), defaults_file)
+
+
 def params_hash(params: dict) -> str:
     """sha256 of the params as canonical JSON (sorted keys): equal params, equal hash."""
     return sha256_text(json.dumps(params, sort_keys=True, default=str))

@@ -1,4 +1,11 @@
-"""TODO docstring"""
+"""Sweeps of mask settings on one split, from saved network outputs or by rerunning the network.
+
+- :func:`threshold_sweep` and :func:`select_best`: the validation sweep of (flow, cellprob)
+  thresholds that E1 selects with (selection on validation only; the test split is scored
+  once per selected configuration).
+- :func:`outputs_sensitivity` (mask settings rebuilt from outputs) and
+  :func:`rerun_sensitivity` (diameter, tile overlap, augmentation: a network pass each): E4.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +16,24 @@ import numpy as np
 import pandas as pd
 
 from seglab import SeglabError
+from seglab.config.settings import MaskSettings
 from seglab.evaluate import scoring
 from seglab.data import splitset
 from seglab.segment import dynamics
 
 
 def threshold_sweep(split: splitset.SplitSet, outputs: Sequence[dict], flow_thresholds: Sequence[float],
-                    cellprob_thresholds: Sequence[float], *, min_size: int = 15, iou: float = 0.5,
-                    niter: int | None = None) -> pd.DataFrame:
+                    cellprob_thresholds: Sequence[float], mask: MaskSettings | None = None, *,
+                    iou: float = 0.5) -> pd.DataFrame:
     """Pooled metrics at ``iou`` for every (flow_threshold, cellprob_threshold), from saved outputs.
 
     Returns one row per pair: flow_threshold, cellprob_threshold, tp, fp, fn,
     n_pred, precision, recall, f1, ap. The network is not rerun, and the
     dynamics run once per tile and cellprob_threshold (see :func:`dynamics.sweep_masks`).
-    ``outputs`` may be a :class:`dynamics.MaskMemo` shared with other sweeps of the same tiles.
+    ``outputs`` may be a :class:`dynamics.MaskMemo` shared with other sweeps of the same tiles;
+    ``mask`` gives the settings that do not move (min size, niter; None: the defaults).
     """
+    mask = MaskSettings() if mask is None else mask
     if outputs is None:
         raise SeglabError("threshold_sweep: this model has no network outputs (classical); sweep a network model")
     if len(outputs) != len(split):
@@ -31,7 +41,7 @@ def threshold_sweep(split: splitset.SplitSet, outputs: Sequence[dict], flow_thre
     memo = outputs if isinstance(outputs, dynamics.MaskMemo) else dynamics.MaskMemo(outputs)
     rows = []
     for flow, cellprob in product(flow_thresholds, cellprob_thresholds):
-        preds = memo.masks(flow, cellprob, min_size, niter)
+        preds = memo.masks(mask.replace(flow_threshold=flow, cellprob_threshold=cellprob))
         rows.append({"flow_threshold": float(flow), "cellprob_threshold": float(cellprob),
                      **scoring.pooled_counts(split.masks, preds, iou)})
     return pd.DataFrame(rows)
@@ -39,10 +49,11 @@ def threshold_sweep(split: splitset.SplitSet, outputs: Sequence[dict], flow_thre
 
 def select_best(sweep: pd.DataFrame, metric: str = "f1", prefer: dict | None = None) -> dict:
     """The row of ``sweep`` with the highest ``metric``; ties go to the row closest to ``prefer``
-    (cellpose's defaults, flow 0.4 and cellprob 0, unless given), then to the first row."""
+    (the default :class:`MaskSettings` thresholds unless given), then to the first row."""
     if sweep.empty:
         raise SeglabError("select_best: the sweep is empty")
-    prefer = prefer or {"flow_threshold": 0.4, "cellprob_threshold": 0.0}
+    default = MaskSettings()
+    prefer = prefer or {"flow_threshold": default.flow_threshold, "cellprob_threshold": default.cellprob_threshold}
     best = sweep[metric].max()
     tied = sweep[np.isclose(sweep[metric], best)].copy()
     distance = sum((tied[k] - v).abs() for k, v in prefer.items() if k in tied)
@@ -64,7 +75,7 @@ def _count_row(split: splitset.SplitSet, preds: Sequence[np.ndarray], iou: float
     return row
 
 
-def outputs_sensitivity(split: splitset.SplitSet, outputs: Sequence[dict], grid: dict, base: dict, *,
+def outputs_sensitivity(split: splitset.SplitSet, outputs: Sequence[dict], grid: dict, base: MaskSettings, *,
                         iou: float = 0.5) -> pd.DataFrame:
     """AP, F1 and cell counts when one mask setting moves and the others stay at ``base``.
 
@@ -72,7 +83,7 @@ def outputs_sensitivity(split: splitset.SplitSet, outputs: Sequence[dict], grid:
     ----------
     grid : {parameter: values} for parameters in ``OUTPUT_PARAMS`` (flow_threshold,
         cellprob_threshold, min_size (px), niter (Euler steps; None = what eval used)).
-    base : the other settings (flow_threshold, cellprob_threshold, min_size, niter).
+    base : the settings of the parameters that do not move.
 
     Returns one row per (parameter, value): parameter, value, tp, fp, fn,
     n_pred, precision, recall, f1, ap (pooled at ``iou``), n_true,
@@ -83,19 +94,17 @@ def outputs_sensitivity(split: splitset.SplitSet, outputs: Sequence[dict], grid:
     if bad:
         raise SeglabError(f"outputs_sensitivity: {bad} need a network rerun or are unknown; "
                           f"from outputs: {', '.join(OUTPUT_PARAMS)}")
-    settings = {"flow_threshold": 0.4, "cellprob_threshold": 0.0, "min_size": 15, "niter": None,
-                **{k: v for k, v in base.items() if k in OUTPUT_PARAMS}}
     memo = outputs if isinstance(outputs, dynamics.MaskMemo) else dynamics.MaskMemo(outputs)
     rows = []
     for param, values in grid.items():
         for v in values:
-            preds = memo.masks(**{**settings, param: v})
+            preds = memo.masks(base.replace(**{param: v}))
             rows.append({"parameter": param, "value": v, **_count_row(split, preds, iou)})
     return pd.DataFrame(rows)
 
 
-def rerun_sensitivity(model, split: splitset.SplitSet, grid: dict, base: dict, *, iou: float = 0.5,
-                      batch_size: int | None = None, diameter_px=None) -> pd.DataFrame:
+def rerun_sensitivity(model, split: splitset.SplitSet, grid: dict, base: MaskSettings, *, iou: float = 0.5,
+                      batch_size: int | None = None) -> pd.DataFrame:
     """AP, F1 and cell counts when a setting of the network pass moves (the network reruns).
 
     Parameters
@@ -105,9 +114,8 @@ def rerun_sensitivity(model, split: splitset.SplitSet, grid: dict, base: dict, *
         nets, the canonical one for cpsam; the image is rescaled by 1 / factor
         relative to the default), ``tile_overlap`` (fraction of the network tile)
         and ``augment`` (test-time flips of overlapping tiles).
-    base : flow_threshold, cellprob_threshold, min_size for the masks.
-    diameter_px : the diameter (px) factor 1.0 stands for, as the notebooks' ``diameter_px``
-        param; None: the model's default per tile (see ``grid``).
+    base : the mask settings; its ``diameter_px`` is what factor 1.0 stands for (None: the
+        model's default per tile, see ``grid``).
 
     Returns one row per (parameter, value) like :func:`outputs_sensitivity`, plus seconds (wall time
     of the network pass and masks; the default setting runs once and its rows share its time).
@@ -118,9 +126,8 @@ def rerun_sensitivity(model, split: splitset.SplitSet, grid: dict, base: dict, *
     if bad:
         raise SeglabError(f"rerun_sensitivity: unknown parameter(s) {bad}; use {', '.join(RERUN_PARAMS)} "
                           f"(and outputs_sensitivity for {', '.join(OUTPUT_PARAMS)})")
-    mask_kw = {k: base[k] for k in ("flow_threshold", "cellprob_threshold", "min_size") if k in base}
-    default_d = [model.resolve_diameter(model.as_network_input(x), "default" if diameter_px is None else diameter_px)
-                 or model.diam_mean_px for x in split.images]
+    default_d = [model.resolve_diameter(model.as_network_input(x), base.diameter_px) or model.diam_mean_px
+                 for x in split.images]
     defaults = {"diameter_factor": 1.0, "tile_overlap": 0.1, "augment": False}
     done: dict = {}  # the default setting appears once per parameter: run it once
     rows = []
@@ -130,8 +137,9 @@ def rerun_sensitivity(model, split: splitset.SplitSet, grid: dict, base: dict, *
             key = tuple(sorted(setting.items()))
             t0 = time.perf_counter()
             if key not in done:
-                preds = [model.segment(x, diameter_px=setting["diameter_factor"] * d, batch_size=batch_size,
-                                       tile_overlap=setting["tile_overlap"], augment=setting["augment"], **mask_kw)
+                preds = [model.segment(x, base.replace(diameter_px=setting["diameter_factor"] * d),
+                                       batch_size=batch_size, tile_overlap=setting["tile_overlap"],
+                                       augment=setting["augment"])
                          for x, d in zip(split.images, default_d)]
                 done[key] = (_count_row(split, preds, iou), round(time.perf_counter() - t0, 2))
             counts, seconds = done[key]

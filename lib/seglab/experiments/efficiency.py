@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from seglab import SeglabError
+from seglab.config.settings import MaskSettings, TrainSettings
 from seglab.segment import models
 from seglab.core import paths
 from seglab.data import splitset
@@ -45,22 +46,14 @@ from seglab.evaluate import scoring
 # --------------------------------------------------------------------------------------
 
 
-def _diameter(diameter_px):
-    # params use null for "the model's default" (estimated per tile for tiny
-    # nets); Model.segment reads None as "do not rescale", so translate.
-    return "default" if diameter_px is None else diameter_px
-
-
-def evaluate_model(model, split: splitset.SplitSet, *, diameter_px=None, flow_threshold: float = 0.4,
-                   cellprob_threshold: float = 0.0, min_size: int = 15, iou: float = 0.5, cached: bool = False):
+def evaluate_model(model, split: splitset.SplitSet, mask: MaskSettings, *, iou: float = 0.5, cached: bool = False):
     """Segment every tile of ``split`` once with ``model`` and score it at ``iou``.
 
     Parameters
     ----------
     model : a ``seglab.segment.models.Model`` or a spec / checkpoint path for ``models.load``.
     split : the tiles (see :func:`seglab.data.splitset.annotated_split`).
-    diameter_px : object diameter in px; None = the model's default.
-    flow_threshold, cellprob_threshold, min_size : cellpose's mask settings.
+    mask : the mask settings (diameter, thresholds, min size).
     cached : take the network outputs from (and put them into) the cache of
         :func:`seglab.segment.output_cache.segment_cached`, so a pass another notebook made on the
         same tiles with the same weights is reused.
@@ -74,8 +67,7 @@ def evaluate_model(model, split: splitset.SplitSet, *, diameter_px=None, flow_th
         model = models.load(model)
     segment = output_cache.segment_cached if cached else output_cache.segment_split
     extra = {"log": lambda *a: None} if cached else {}
-    masks, _ = segment(model, split, diameter_px=_diameter(diameter_px), flow_threshold=flow_threshold,
-                       cellprob_threshold=cellprob_threshold, min_size=min_size, **extra)
+    masks, _ = segment(model, split, mask, **extra)
     ev = scoring.evaluate_masks(split, masks, thresholds=(iou,))
     return scoring.scores_from_per_image(ev.per_image, iou), ev.per_image, masks
 
@@ -105,26 +97,25 @@ def check_budgets(manifest: pd.DataFrame, budgets: Sequence[int], repeats: int) 
     return budgets
 
 
-def label_budget_jobs(base: str, cohort_dir: str, budgets: Sequence[int], repeats: int, *, train_params: dict,
+def label_budget_jobs(base: str, cohort_dir: str, budgets: Sequence[int], repeats: int, *, training: TrainSettings,
                       cache_dir: str = finetuning.MODEL_CACHE, validate: bool = True) -> list[dict]:
     """The :func:`seglab.segment.finetuning.finetune` arguments of every (budget, repeat), budget-major
     (for :func:`finetune_many`, e.g. together with the generic model). ``validate``: training
     scores its final weights on validation (what ``rescore=False`` reads back)."""
-    return [dict(base=base, cohort_dir=cohort_dir, variant="label_budget", train_params=train_params, budget=int(b),
+    return [dict(base=base, cohort_dir=cohort_dir, variant="label_budget", training=training, budget=int(b),
                  budget_seed=r, cache_dir=cache_dir, validate=bool(validate))
             for b in budgets for r in range(int(repeats))]
 
 
-def label_budget_runs(base: str, cohort_dir: str, budgets: Sequence[int], repeats: int, *, train_params: dict,
-                      val: splitset.SplitSet, diameter_px=None, flow_threshold: float = 0.4,
-                      cellprob_threshold: float = 0.0, min_size: int = 15, iou: float = 0.5,
+def label_budget_runs(base: str, cohort_dir: str, budgets: Sequence[int], repeats: int, *, training: TrainSettings,
+                      val: splitset.SplitSet, mask: MaskSettings, iou: float = 0.5,
                       rescore: bool = True, cache_dir: str = finetuning.MODEL_CACHE, n_jobs: int = 1,
                       threads_per_job: int | None = 1, log: Callable | None = print) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fine-tune ``base`` on ``budget`` random training tiles, ``repeats`` draws each; score on ``val``.
 
     Repeat ``r`` draws its tiles with ``budget_seed=r`` (``seglab.segment.train``
     samples the annotated training tiles with that seed); the training seed
-    itself stays ``train_params['seed']``, so the spread across repeats is the
+    itself stays ``training.seed``, so the spread across repeats is the
     spread due to *which* tiles were annotated. ``n_jobs`` / ``threads_per_job``:
     see :func:`finetune_many`.
 
@@ -141,23 +132,21 @@ def label_budget_runs(base: str, cohort_dir: str, budgets: Sequence[int], repeat
     per_image : DataFrame, ``Evaluation.per_image`` rows with budget and budget_seed (empty without ``rescore``).
     """
     # rescored here, so training skips its own validation pass
-    jobs = label_budget_jobs(base, cohort_dir, budgets, repeats, train_params=train_params, cache_dir=cache_dir,
+    jobs = label_budget_jobs(base, cohort_dir, budgets, repeats, training=training, cache_dir=cache_dir,
                              validate=not rescore)
     grid = [(j["budget"], j["budget_seed"]) for j in jobs]
     if not rescore:  # before any training: the stored validation AP must mean what the caller asks
-        _check_default_settings(diameter_px, flow_threshold, cellprob_threshold, min_size, iou)
+        check_training_validation_settings(mask, iou)
     fits = finetuning.finetune_many(jobs, n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)
     if rescore:  # the network passes n_jobs at a time, into the output cache evaluate_model reads
-        output_cache.segment_cached_many([dict(model=str(f["path"]), split=val, diameter_px=_diameter(diameter_px))
+        output_cache.segment_cached_many([dict(model=str(f["path"]), split=val, mask=mask)
                                    for f in fits], n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)
     rows, per = [], []
     for (b, r), fit in zip(grid, fits):
         ids, dropped = finetuning.trained_on(fit["path"])
         t0 = time.monotonic()
         if rescore:
-            scores, pi, _ = evaluate_model(fit["path"], val, diameter_px=diameter_px, flow_threshold=flow_threshold,
-                                           cellprob_threshold=cellprob_threshold, min_size=min_size, iou=iou,
-                                           cached=True)
+            scores, pi, _ = evaluate_model(fit["path"], val, mask, iou=iou, cached=True)
             per.append(pi.assign(budget=b, budget_seed=r))
         else:
             scores = finetuning.sidecar_val_scores(fit["path"], n_expected=len(val))
@@ -172,17 +161,18 @@ def label_budget_runs(base: str, cohort_dir: str, budgets: Sequence[int], repeat
     return pd.DataFrame(rows), (pd.concat(per, ignore_index=True) if per else pd.DataFrame())
 
 
-def _check_default_settings(diameter_px, flow_threshold, cellprob_threshold, min_size, iou) -> None:
-    given = {"diameter_px": diameter_px, "flow_threshold": flow_threshold, "cellprob_threshold": cellprob_threshold,
-             "min_size": min_size, "iou": iou}
-    differ = {k: v for k, v in given.items() if v != TRAIN_VAL_SETTINGS[k]}
-    if differ:
-        raise SeglabError(f"the validation AP stored by training uses {TRAIN_VAL_SETTINGS}; these settings differ: "
-                          f"{differ}. Rescore the models (rescore_per_image: true) to evaluate them with yours")
+# what training's own final validation pass used (seglab.segment.train.fit -> evaluate_ap50)
+TRAIN_VALIDATION_MASK = MaskSettings()
+TRAIN_VALIDATION_IOU = 0.5
 
 
-# what seglab.segment.train.fit's closing validation pass uses (train.evaluate_ap50 -> Model.segment defaults)
-TRAIN_VAL_SETTINGS = {"diameter_px": None, "flow_threshold": 0.4, "cellprob_threshold": 0.0, "min_size": 15, "iou": 0.5}
+def check_training_validation_settings(mask: MaskSettings, iou: float) -> None:
+    """Fail unless ``mask`` and ``iou`` are what training's validation pass used, so the AP stored in
+    a model's sidecar means what the caller asks (``rescore=False``)."""
+    if mask != TRAIN_VALIDATION_MASK or float(iou) != TRAIN_VALIDATION_IOU:
+        raise SeglabError(f"rescore=False reads the validation AP that training stored, made at "
+                          f"{TRAIN_VALIDATION_MASK.as_dict()} and IoU {TRAIN_VALIDATION_IOU}; these settings "
+                          f"({mask.as_dict()}, IoU {iou}) differ: rescore the models (rescore_per_image: true)")
 
 
 def plot_learning_curve(runs: pd.DataFrame, metrics: Mapping[str, str], *, references: Mapping[str, Mapping[str, float]] | None = None,
@@ -260,17 +250,17 @@ def lomo_markers(manifest: pd.DataFrame, markers: Sequence[str] | None = None) -
     return list(dict.fromkeys(str(m) for m in markers))
 
 
-def lomo_jobs(base: str, cohort_dir: str, markers: Sequence[str], *, train_params: dict,
+def lomo_jobs(base: str, cohort_dir: str, markers: Sequence[str], *, training: TrainSettings,
               cache_dir: str = finetuning.MODEL_CACHE) -> list[dict]:
     """The :func:`seglab.segment.finetuning.finetune` arguments of each held-out marker's model (for :func:`finetune_many`).
 
     E6 scores these models on the held-out marker's tiles only, so training skips its final
     validation pass (over the other markers' validation tiles)."""
-    return [dict(base=base, cohort_dir=cohort_dir, variant="leave_one_marker_out", train_params=train_params,
+    return [dict(base=base, cohort_dir=cohort_dir, variant="leave_one_marker_out", training=training,
                  markers=[m], cache_dir=cache_dir, validate=False) for m in markers]
 
 
-def finetune_lomo(base: str, cohort_dir: str, markers: Sequence[str], *, train_params: dict,
+def finetune_lomo(base: str, cohort_dir: str, markers: Sequence[str], *, training: TrainSettings,
                   cache_dir: str = finetuning.MODEL_CACHE, n_jobs: int = 1, threads_per_job: int | None = 1,
                   log: Callable | None = print) -> pd.DataFrame:
     """Fine-tune ``base`` once per marker with that marker's tiles left out (train and validation).
@@ -283,7 +273,7 @@ def finetune_lomo(base: str, cohort_dir: str, markers: Sequence[str], *, train_p
 
     manifest = data.cohort_manifest(paths.resolve(cohort_dir))
     marker_of = dict(zip(manifest["tile_id"].astype(str), manifest["marker"].astype(str)))
-    jobs = lomo_jobs(base, cohort_dir, markers, train_params=train_params, cache_dir=cache_dir)
+    jobs = lomo_jobs(base, cohort_dir, markers, training=training, cache_dir=cache_dir)
     rows = []
     for m, fit in zip(markers, finetuning.finetune_many(jobs, n_jobs=n_jobs, threads_per_job=threads_per_job, log=log)):
         path = fit["path"]
@@ -298,9 +288,8 @@ def finetune_lomo(base: str, cohort_dir: str, markers: Sequence[str], *, train_p
     return pd.DataFrame(rows)
 
 
-def evaluate_lomo(lomo: pd.DataFrame, references: Mapping[str, object], split: splitset.SplitSet, *,
-                  diameter_px=None, flow_threshold: float = 0.4, cellprob_threshold: float = 0.0,
-                  min_size: int = 15, iou: float = 0.5,
+def evaluate_lomo(lomo: pd.DataFrame, references: Mapping[str, object], split: splitset.SplitSet,
+                  mask: MaskSettings, *, iou: float = 0.5,
                   before: Callable[[str, dict], object] | None = None, n_jobs: int = 1,
                   threads_per_job: int | None = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score each held-out marker's model on that marker's tiles of ``split``, and the reference models there too.
@@ -326,28 +315,25 @@ def evaluate_lomo(lomo: pd.DataFrame, references: Mapping[str, object], split: s
     """
     markers = list(lomo["marker"])
     held = splitset.split_subset(split, markers)
-    settings = {"diameter_px": diameter_px, "flow_threshold": flow_threshold,
-                "cellprob_threshold": cellprob_threshold, "min_size": min_size, "iou": iou}
+    settings = {**mask.as_dict(), "iou": iou}
     subs = {str(r["marker"]): splitset.split_subset(held, [r["marker"]]) for _, r in lomo.iterrows()}
-    pass_kw = dict(diameter_px=_diameter(diameter_px), flow_threshold=flow_threshold,
-                   cellprob_threshold=cellprob_threshold, min_size=min_size)
     output_cache.segment_cached_many(
-        [dict(model=str(paths.resolve(r["model"])), split=subs[str(r["marker"])], **pass_kw) for _, r in lomo.iterrows()]
-        + [dict(model=str(spec) if isinstance(spec, Path) else spec, split=held, **pass_kw)
+        [dict(model=str(paths.resolve(r["model"])), split=subs[str(r["marker"])], mask=mask) for _, r in lomo.iterrows()]
+        + [dict(model=str(spec) if isinstance(spec, Path) else spec, split=held, mask=mask)
            for spec in references.values()], n_jobs=n_jobs, threads_per_job=threads_per_job, log=None)
     rows, per = [], []
     for _, r in lomo.iterrows():
         sub = subs[str(r["marker"])]
         if before is not None:
             before(f"lomo_{r['marker']}", {"model": r["model"], "held_out_marker": r["marker"], **settings})
-        scores, pi, _ = evaluate_model(paths.resolve(r["model"]), sub, **settings, cached=True)
+        scores, pi, _ = evaluate_model(paths.resolve(r["model"]), sub, mask, iou=iou, cached=True)
         rows.append({"marker": r["marker"], "model": "lomo", **scores})
         per.append(pi.assign(model="lomo"))
     for name, spec in references.items():
         if before is not None:
             before(name, {"model": spec if isinstance(spec, str) else str(getattr(spec, "spec", spec)),
                           "markers": markers, **settings})
-        _, pi, _ = evaluate_model(str(spec) if isinstance(spec, Path) else spec, held, **settings, cached=True)
+        _, pi, _ = evaluate_model(str(spec) if isinstance(spec, Path) else spec, held, mask, iou=iou, cached=True)
         per.append(pi.assign(model=name))
         for m in markers:
             rows.append({"marker": m, "model": name, **scoring.scores_from_per_image(pi[pi["marker"] == m], iou)})

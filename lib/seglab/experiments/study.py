@@ -24,19 +24,20 @@ from __future__ import annotations
 from typing import Sequence
 
 
+from seglab.config.settings import TrainSettings
 from seglab.segment import finetuning
 
 
 E1_VARIANTS = ("finetuned_generic", "finetuned_marker_specific", "finetuned_marker_only")
 
 
-def e1_finetune_jobs(base: str, cohort_dir: str, *, train_params: dict, markers: Sequence[str],
+def e1_finetune_jobs(base: str, cohort_dir: str, *, training: TrainSettings, markers: Sequence[str],
                      cache_dir: str = finetuning.MODEL_CACHE) -> dict[str, dict]:
     """E1's three fine-tunes as :func:`finetune` keyword arguments, by model name (E1_VARIANTS):
     generic (every marker), marker-specific (the tiles of ``markers`` only) and marker-only
     (every marker, DAPI zeroed). One list for the notebook (``efficiency.finetune_many``) and
     for a Slurm array that trains them before the notebook runs."""
-    common = dict(base=base, cohort_dir=cohort_dir, train_params=train_params, cache_dir=cache_dir)
+    common = dict(base=base, cohort_dir=cohort_dir, training=training, cache_dir=cache_dir)
     # E1 scores every model on validation itself (and E2 and E6 reuse those network passes through
     # the output cache), so training skips its own final validation pass
     return {"finetuned_generic": dict(common, variant="generic", validate=False),

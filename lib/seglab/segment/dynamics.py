@@ -1,4 +1,17 @@
-"""TODO docstring"""
+"""Network outputs and the one place masks are rebuilt from them (cellpose's own dynamics).
+
+Outputs of a network pass (``Model.segment(..., return_outputs=True)``, ``seglab predict
+--save-outputs``, the output cache) are a dict per tile: ``dP`` (2, Y, X) float32 flows,
+``cellprob`` (Y, X) float32 logits and ``niter`` (the Euler steps eval used), stored as
+``.npz`` by :func:`save_outputs`. Masks at any :class:`~seglab.config.settings.MaskSettings`
+come back without the network:
+
+- :func:`masks_from_outputs`: one tile, cellpose's ``resize_and_compute_masks`` (what
+  ``CellposeModel.eval`` calls);
+- :class:`MaskMemo` / :func:`sweep_masks`: many settings, the same dynamics split in two
+  (follow the flows once per cell-probability threshold and niter, then drop masks by
+  flow error and size per setting), equal mask for mask (tests/test_study.py).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from seglab import SeglabError
+from seglab.config.settings import MaskSettings
 from seglab.core import io
 from seglab.segment import models
 
@@ -53,7 +67,7 @@ def _finish_masks(raw: np.ndarray, errors: np.ndarray, flow_threshold: float, mi
 
 
 def sweep_masks(output: dict, flow_thresholds: Sequence[float], cellprob_thresholds: Sequence[float],
-                min_sizes: Sequence[int] = (15,), niter: int | None = None) -> dict:
+                min_sizes: Sequence[int] = (MaskSettings.min_size,), niter: int | None = None) -> dict:
     """Masks of one tile's saved outputs at every (flow_threshold, cellprob_threshold, min_size).
 
     Equal to :func:`seglab.segment.dynamics.masks_from_outputs` at each setting, but the
@@ -84,15 +98,17 @@ class MaskMemo:
     def __len__(self) -> int:
         return len(self.outputs)
 
-    def masks(self, flow_threshold: float = 0.4, cellprob_threshold: float = 0.0, min_size: int = 15,
-              niter: int | None = None) -> list[np.ndarray]:
+    def masks(self, mask: MaskSettings | None = None) -> list[np.ndarray]:
+        """(Y, X) labels of every tile at ``mask``'s thresholds, min size and niter (its diameter
+        was fixed by the network pass that made the outputs)."""
+        mask = MaskSettings() if mask is None else mask
         out = []
         for i, o in enumerate(self.outputs):
-            key = (i, float(cellprob_threshold), None if niter is None else int(niter))
+            key = (i, mask.cellprob_threshold, mask.niter)
             if key not in self._raw:
-                self._raw[key] = _raw_masks(o, float(cellprob_threshold), niter)
+                self._raw[key] = _raw_masks(o, mask.cellprob_threshold, mask.niter)
             raw, errors = self._raw[key]
-            out.append(_finish_masks(raw, errors, float(flow_threshold), int(min_size)))
+            out.append(_finish_masks(raw, errors, mask.flow_threshold, mask.min_size))
         return out
 
 
@@ -107,19 +123,14 @@ def save_masks(folder: Path, names: Sequence[str], masks: Sequence[np.ndarray]) 
     return folder
 
 
-def masks_at(outputs: Sequence[dict], *, flow_threshold: float = 0.4, cellprob_threshold: float = 0.0,
-             min_size: int = 15, niter: int | None = None) -> list[np.ndarray]:
+def masks_at(outputs: Sequence[dict], mask: MaskSettings | None = None) -> list[np.ndarray]:
     """Masks rebuilt from saved network outputs at one setting (no network pass)."""
-    from seglab.segment.dynamics import masks_from_outputs
-
     if outputs is None:
         raise SeglabError("masks_at: this model has no network outputs (classical); use its masks as they are")
-    return [masks_from_outputs(o, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
-                               min_size=min_size, niter=niter) for o in outputs]
+    return [masks_from_outputs(o, mask) for o in outputs]
 
 
-def masks_from_outputs(outputs: dict, flow_threshold: float = 0.4, cellprob_threshold: float = 0.0,
-                       min_size: int = 15, max_size_fraction: float = 0.4, niter: int | None = None,
+def masks_from_outputs(outputs: dict, mask: MaskSettings | None = None, *, max_size_fraction: float = 0.4,
                        device=None) -> np.ndarray:
     """Rebuild masks from saved network outputs, with cellpose's own dynamics.
 
@@ -131,8 +142,9 @@ def masks_from_outputs(outputs: dict, flow_threshold: float = 0.4, cellprob_thre
     ----------
     outputs : dict (or a path to an ``.npz``) with ``dP`` (2, Y, X) flows,
         ``cellprob`` (Y, X) logits and ``niter`` (the Euler steps eval used).
-    flow_threshold, cellprob_threshold, min_size, max_size_fraction : as in cellpose.
-    niter : override the stored number of dynamics steps.
+    mask : thresholds, min size and niter (None: the stored number of dynamics steps);
+        None: the defaults of :class:`~seglab.config.settings.MaskSettings`.
+    max_size_fraction : masks larger than this fraction of the image are removed (cellpose's).
 
     Returns
     -------
@@ -150,12 +162,13 @@ def masks_from_outputs(outputs: dict, flow_threshold: float = 0.4, cellprob_thre
                           "or seglab predict --save-outputs wrote") from None
     if dP.ndim != cellprob.ndim + 1 or dP.shape[1:] != cellprob.shape:
         raise SeglabError(f"masks_from_outputs: dP {dP.shape} does not fit cellprob {cellprob.shape}")
-    n = int(niter if niter is not None else outputs.get("niter", 200))
+    mask = MaskSettings() if mask is None else mask
+    n = int(mask.niter if mask.niter is not None else outputs.get("niter", 200))
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     with models.quiet_cellpose():
-        m = dynamics.resize_and_compute_masks(dP, cellprob, niter=n, cellprob_threshold=cellprob_threshold,
-                                              flow_threshold=flow_threshold, min_size=min_size,
+        m = dynamics.resize_and_compute_masks(dP, cellprob, niter=n, cellprob_threshold=mask.cellprob_threshold,
+                                              flow_threshold=mask.flow_threshold, min_size=mask.min_size,
                                               max_size_fraction=max_size_fraction, resize=None, device=device,
                                               do_3D=cellprob.ndim == 3)
     return models.as_label_dtype(m)

@@ -1,4 +1,12 @@
-"""TODO docstring"""
+"""Fine-tunes kept in a content-addressed cache (``data/models/<variant>-<key>/``), run one or many at once.
+
+A fine-tune is named by what decides its weights: the ``seglab train`` config
+(:func:`finetune_config`: base, cohort, variant, markers or budget, and the
+:class:`~seglab.config.settings.TrainSettings`), the bytes of its training and validation
+tiles, and the base model's identity. So the same variant asked for by two notebooks, or
+by a Slurm prepare array and then the notebook, is trained once; an interrupted one
+resumes from its checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ import pandas as pd
 
 from seglab import SeglabError
 from seglab.config.params import params_hash
+from seglab.config.settings import TrainSettings
 from seglab.core import io, paths, workers
 from seglab.data import manifest as data
 from seglab.evaluate import scoring
@@ -32,36 +41,10 @@ def _training_files_hash(cohort_dir: str, cfg: dict) -> str:
     return io.sha256_text("\n".join(digest))
 
 
-def _base_model_hash(base: str) -> str:
-    from seglab.segment import models
-
-    if base == "generalist":
-        return io.sha256_file(models.GENERALIST_PATH) if models.GENERALIST_PATH.is_file() else "missing"
-    p = paths.resolve(base)
-    return io.sha256_file(p) if p.is_file() else base
-
-
-TRAIN_PARAM_KEYS = ("epochs", "learning_rate", "weight_decay", "batch_size", "bsize", "nimg_per_epoch", "seed")
-
-
-def train_params(params: dict) -> dict:
-    """The fine-tuning keys of a notebook's params (the shared block of params/<profile>/defaults.yaml).
-
-    Every notebook passes exactly these to :func:`finetune`, so the same
-    variant trained by two notebooks hits the same cache folder.
-    """
-    missing = [k for k in TRAIN_PARAM_KEYS if k not in params]
-    if missing:
-        raise SeglabError(f"train_params: params lack {missing}; declare them in the notebook's schema "
-                          "(the shared block) and set them in params/<profile>/defaults.yaml")
-    out = {k: params[k] for k in TRAIN_PARAM_KEYS}
-    if out["nimg_per_epoch"] is None:
-        del out["nimg_per_epoch"]
-    return out
-
-
-def _finetune_config(base, cohort_dir, variant, train_params, markers, budget, budget_seed) -> dict:
-    cfg = {"model": base, "cohort_dir": str(cohort_dir), "variant": variant, **train_params}
+def finetune_config(base: str, cohort_dir: str, variant: str, training: TrainSettings,
+                    markers: Sequence[str] | None = None, budget: int | None = None, budget_seed: int = 0) -> dict:
+    """The ``seglab train`` config of one fine-tune (what its cache key hashes, with the tiles and base)."""
+    cfg = {"model": base, "cohort_dir": str(cohort_dir), "variant": variant, **training.cache_fields()}
     if markers:
         cfg["markers"] = list(markers)
     if budget is not None:
@@ -69,16 +52,17 @@ def _finetune_config(base, cohort_dir, variant, train_params, markers, budget, b
     return cfg
 
 
-def model_dir(base: str, cohort_dir: str, variant: str = "generic", *, train_params: dict,
+def model_dir(base: str, cohort_dir: str, variant: str = "generic", *, training: TrainSettings,
               markers: Sequence[str] | None = None, budget: int | None = None, budget_seed: int = 0,
               cache_dir: str = MODEL_CACHE) -> Path:
     """The content-addressed folder :func:`finetune` trains into for these arguments (nothing is trained).
 
     The name hashes the training config, the files of the training and
-    validation tiles, and the base model's weights.
+    validation tiles, and the base model's identity (:func:`seglab.segment.models.model_id`: the
+    sha256 of its weights, so another file stored under the same name is another folder).
     """
-    cfg = _finetune_config(base, cohort_dir, variant, train_params, markers, budget, budget_seed)
-    key = params_hash({"cfg": cfg, "tiles": _training_files_hash(cohort_dir, cfg), "base": _base_model_hash(base)})
+    cfg = finetune_config(base, cohort_dir, variant, training, markers, budget, budget_seed)
+    key = params_hash({"cfg": cfg, "tiles": _training_files_hash(cohort_dir, cfg), "base": models.model_id(base)})
     return paths.resolve(cache_dir) / f"{variant}-{key[:16]}"
 
 
@@ -88,7 +72,7 @@ def finished_model(folder: Path) -> Path | None:
     return done if done.is_file() and done.with_suffix(".pt.json").is_file() else None
 
 
-def finetune(base: str, cohort_dir: str, variant: str = "generic", *, train_params: dict,
+def finetune(base: str, cohort_dir: str, variant: str = "generic", *, training: TrainSettings,
              markers: Sequence[str] | None = None, budget: int | None = None, budget_seed: int = 0,
              cache_dir: str = MODEL_CACHE, validate: bool = True, progress: bool = False, log=print) -> Path:
     """Fine-tune ``base`` on the cohort's annotated training tiles; returns the checkpoint path.
@@ -98,7 +82,7 @@ def finetune(base: str, cohort_dir: str, variant: str = "generic", *, train_para
     base : model spec to start from (``generalist``, ``cpsam``, a checkpoint path).
     cohort_dir : cohort folder (relative to the project root or absolute).
     variant : generic, marker_specific, marker_only, label_budget, leave_one_marker_out.
-    train_params : seglab.segment.train keys (epochs, learning_rate, batch_size, bsize, ...).
+    training : :class:`~seglab.config.settings.TrainSettings` (epochs, learning rate, crops, seed, ...).
     markers, budget, budget_seed : as in ``seglab.segment.train.train_from_params``.
     cache_dir : parent of the content-addressed model folders (:func:`model_dir`); a
         finished model there is reused, an interrupted one resumes from its checkpoint.
@@ -108,15 +92,14 @@ def finetune(base: str, cohort_dir: str, variant: str = "generic", *, train_para
     """
     from seglab.segment import train
 
-    cfg = _finetune_config(base, cohort_dir, variant, train_params, markers, budget, budget_seed)
-    out_dir = model_dir(base, cohort_dir, variant, train_params=train_params, markers=markers, budget=budget,
+    cfg = finetune_config(base, cohort_dir, variant, training, markers, budget, budget_seed)
+    out_dir = model_dir(base, cohort_dir, variant, training=training, markers=markers, budget=budget,
                         budget_seed=budget_seed, cache_dir=cache_dir)
     done = finished_model(out_dir)
     if done is not None:
-        root = paths.project_root()
-        log(f"[study] {variant}: reusing {out_dir.relative_to(root) if out_dir.is_relative_to(root) else out_dir}")
+        log(f"[finetuning] {variant}: reusing {paths.relative(out_dir)}")
         return done
-    log(f"[study] {variant}: fine-tuning {base} -> {out_dir}")
+    log(f"[finetuning] {variant}: fine-tuning {base} -> {out_dir}")
     return Path(train.train_from_params({**cfg, "out_dir": str(out_dir), "final_validation": bool(validate)},
                                         source=f"finetune({variant})", progress=progress))
 
@@ -145,14 +128,14 @@ def _finetune_logged(log, **kwargs) -> tuple[Path, bool, float]:
     return Path(path), any("reusing" in m for m in said), round(time.monotonic() - t0, 1)
 
 
-def cached_model(base: str, cohort_dir: str, variant: str = "generic", *, train_params: dict,
+def cached_model(base: str, cohort_dir: str, variant: str = "generic", *, training: TrainSettings,
                  markers: Sequence[str] | None = None, budget: int | None = None, budget_seed: int = 0,
                  cache_dir: str = MODEL_CACHE, validate: bool = True) -> Path | None:
     """The finished checkpoint :func:`seglab.segment.finetune` would reuse for these arguments, or None,
     without training anything, so that a batch of fine-tunes can skip starting worker
     processes when every model is cached. (``validate`` is accepted and ignored: it is not part
     of the cache key.)"""
-    return finished_model(model_dir(base, cohort_dir, variant, train_params=train_params,
+    return finished_model(model_dir(base, cohort_dir, variant, training=training,
                                                 markers=markers, budget=budget, budget_seed=budget_seed,
                                                 cache_dir=cache_dir))
 
@@ -217,10 +200,10 @@ def trained_on(path: Path) -> tuple[list[str], list[str]]:
     return [str(t) for t in side.get("train_tiles") or []], [str(t) for t in side.get("dropped_tiles") or []]
 
 
-def reference_job(base: str, cohort_dir: str, *, train_params: dict, cache_dir: str = MODEL_CACHE) -> dict:
+def reference_job(base: str, cohort_dir: str, *, training: TrainSettings, cache_dir: str = MODEL_CACHE) -> dict:
     """The :func:`seglab.segment.finetune` arguments of the full-data generic model, the reference of
     E2 and E6 (the same cache entry as E1's generic model and E5's fine-tuned one)."""
-    return dict(base=base, cohort_dir=cohort_dir, variant="generic", train_params=train_params, cache_dir=cache_dir)
+    return dict(base=base, cohort_dir=cohort_dir, variant="generic", training=training, cache_dir=cache_dir)
 
 
 def sidecar_val_scores(path: Path, n_expected: int | None = None) -> dict:

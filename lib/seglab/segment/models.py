@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from seglab import SeglabError
+from seglab.config.settings import DIAMETER_AUTO, DIAMETER_NATIVE, MaskSettings, check_diameter
 from seglab.core import io
 from seglab.core import paths
 
@@ -199,7 +200,9 @@ class Model:
     cp: Any = None
     diam_mean_px: float = CELLPOSE_REF_DIAMETER_PX
     bsize: int = 256
-    default_diameter: Any = None  # None: no rescaling; "auto": estimate per image
+    # what ``diameter_px=None`` means for this model (see seglab.config.settings):
+    # DIAMETER_AUTO (estimate per image) for nets trained at one canonical diameter, else DIAMETER_NATIVE
+    default_diameter: str = DIAMETER_NATIVE
     meta: dict = field(default_factory=dict)
     # input channels the network was trained on; the others are zeroed at inference. The DSB
     # generalist saw nuclei only ([nucleus, 0, 0]): its weights on the marker channel were never
@@ -260,31 +263,32 @@ class Model:
             return None
         return float(diameter_px) * CELLPOSE_REF_DIAMETER_PX / self.diam_mean_px
 
-    def resolve_diameter(self, image: np.ndarray, diameter_px="default"):
-        """The object diameter (px) to rescale ``image`` for: given, estimated, or None."""
-        if isinstance(diameter_px, str) and diameter_px == "default":
+    def resolve_diameter(self, image: np.ndarray, diameter_px: float | str | None = None) -> float | None:
+        """The object diameter (px) to rescale ``image`` (C, Y, X) for, or None for no rescaling.
+
+        ``diameter_px`` is a :class:`MaskSettings` diameter: a number, None (this model's
+        default), ``"auto"`` (estimated from channel 0) or ``"native"`` (no rescaling).
+        """
+        diameter_px = check_diameter(diameter_px)
+        if diameter_px is None:
             diameter_px = self.default_diameter
-        if isinstance(diameter_px, str):
-            if diameter_px != "auto":
-                raise SeglabError(f"diameter: '{diameter_px}' is not a number, 'auto' or None")
+        if diameter_px == DIAMETER_AUTO:
             return estimate_diameter(image)
-        if diameter_px is not None and not float(diameter_px) > 0:
-            raise SeglabError(f"diameter: must be > 0 px (or None / 'auto'), got {diameter_px}")
-        return diameter_px
+        if diameter_px == DIAMETER_NATIVE:
+            return None
+        return float(diameter_px)
 
     # ---- segmentation -------------------------------------------------------------------
-    def segment(self, images, *, diameter_px="default", flow_threshold: float = 0.4,
-                cellprob_threshold: float = 0.0, min_size: int = 15, batch_size: int | None = None,
+    def segment(self, images, mask: MaskSettings | None = None, *, batch_size: int | None = None,
                 return_outputs: bool = False, tile_overlap: float = 0.1, augment: bool = False):
         """Segment one image ``(C, Y, X)`` or a same-shape stack ``(N, C, Y, X)`` / list.
 
         Parameters
         ----------
         images : (C, Y, X) array, (N, C, Y, X) array, or a list of (C, Y, X) arrays.
-        diameter_px : object diameter in px; ``"auto"`` estimates it per image
-            (Otsu + watershed on channel 0), None skips rescaling; default: the
-            model's (``"auto"`` for tiny nets, None for cpsam).
-        flow_threshold, cellprob_threshold, min_size : cellpose's mask settings.
+        mask : :class:`seglab.config.settings.MaskSettings` (diameter, thresholds, min size,
+            niter); None: the defaults. A diameter of None is the model's default
+            (``"auto"`` for tiny nets, ``"native"`` for cpsam).
         batch_size : network tiles per forward pass; None: the model's
             :attr:`default_batch_size`.
         return_outputs : also return the network outputs (see ``masks_from_outputs``).
@@ -302,25 +306,25 @@ class Model:
         seq = [images] if single else list(images)
         if not seq:
             raise SeglabError("segment: no images given")
+        mask = MaskSettings() if mask is None else mask
         xs = [self._restrict(self.as_network_input(im, name=f"image {i}")) for i, im in enumerate(seq)]
         batch_size = self.default_batch_size if batch_size is None else int(batch_size)
         if self.kind == "classical":
-            diams = [self.resolve_diameter(x, diameter_px) for x in xs]
-            masks = [classical_segment(x[0], diameter_px=d, min_size=min_size) for x, d in zip(xs, diams)]
+            diams = [self.resolve_diameter(x, mask.diameter_px) for x in xs]
+            masks = [classical_segment(x[0], diameter_px=d, min_size=mask.min_size) for x, d in zip(xs, diams)]
             if return_outputs:
                 raise SeglabError("classical: has no network outputs to return; use a network model")
             return masks[0] if single else masks
         # group same-shape images with the same diameter into one cellpose call,
         # so their tiles share network batches
-        diams = [self.resolve_diameter(x, diameter_px) for x in xs]
+        diams = [self.resolve_diameter(x, mask.diameter_px) for x in xs]
         masks: list = [None] * len(xs)
         outputs: list = [None] * len(xs)
         groups: dict = {}
         for i, (x, d) in enumerate(zip(xs, diams)):
             groups.setdefault((x.shape, None if d is None else round(float(d), 6)), []).append(i)
         for (shape, d), idx in groups.items():
-            m, outs = self._eval_stack(np.stack([xs[i] for i in idx]), d, flow_threshold,
-                                       cellprob_threshold, min_size, batch_size,
+            m, outs = self._eval_stack(np.stack([xs[i] for i in idx]), d, mask, batch_size,
                                        tile_overlap=tile_overlap, augment=augment)
             for j, i in enumerate(idx):
                 masks[i], outputs[i] = m[j], outs[j]
@@ -328,15 +332,15 @@ class Model:
             masks, outputs = masks[0], outputs[0]
         return (masks, outputs) if return_outputs else masks
 
-    def _eval_stack(self, x, diameter_px, flow_threshold, cellprob_threshold, min_size, batch_size,
+    def _eval_stack(self, x, diameter_px: float | None, mask: MaskSettings, batch_size: int,
                     tile_overlap: float = 0.1, augment: bool = False):
         n = x.shape[0]
         diam = self._eval_diameter(diameter_px)
         # one image: (3, Y, X) with channel_axis=0. Several: cellpose takes a
         # (N, 3, Y, X) stack as a batch (channel_axis=1) and, with
         # stitch_threshold=0 and do_3D=False, normalises and segments each plane on its own.
-        kwargs = dict(diameter=diam, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
-                      min_size=min_size, batch_size=batch_size, bsize=self.bsize,
+        kwargs = dict(diameter=diam, flow_threshold=mask.flow_threshold, cellprob_threshold=mask.cellprob_threshold,
+                      min_size=mask.min_size, niter=mask.niter, batch_size=batch_size, bsize=self.bsize,
                       tile_overlap=float(tile_overlap), augment=bool(augment))
         with quiet_cellpose():
             if n == 1:
@@ -348,7 +352,8 @@ class Model:
                 dPs = [flows[1][:, i] for i in range(n)]
                 cps = list(flows[2])
         rescale = 1.0 if diam is None or diam <= 0 else CELLPOSE_REF_DIAMETER_PX / diam
-        niter = int(200 / rescale)  # what eval used (resample=True)
+        # eval's own default (resample=True); a MaskSettings.niter applies when masks are rebuilt
+        niter = int(200 / rescale)
         outs = [{"dP": np.ascontiguousarray(dp, np.float32), "cellprob": np.ascontiguousarray(cp, np.float32),
                  "niter": niter} for dp, cp in zip(dPs, cps)]
         return [as_label_dtype(mm) for mm in ms], outs
@@ -377,7 +382,7 @@ class quiet_cellpose:
 # classical reference and diameter estimate
 # --------------------------------------------------------------------------------------
 
-def classical_segment(image: np.ndarray, *, diameter_px: float | None = None, min_size: int = 15,
+def classical_segment(image: np.ndarray, *, diameter_px: float | None = None, min_size: int = MaskSettings.min_size,
                       smooth_sigma_px: float = 1.0) -> np.ndarray:
     """Otsu threshold + distance-transform watershed on one channel ``(Y, X)``.
 
@@ -508,7 +513,7 @@ def load(spec: str | os.PathLike, *, gpu: bool | None = None, seed: int = 0) -> 
     """
     s = str(spec)
     if s == "classical":
-        return Model(spec=s, kind="classical", arch="classical", default_diameter=None)
+        return Model(spec=s, kind="classical", arch="classical", default_diameter=DIAMETER_NATIVE)
     if s in CPSAM_NAMES:
         return _load_cpsam(s, gpu)
     if s == "cpsam-random":
@@ -532,7 +537,7 @@ def load(spec: str | os.PathLike, *, gpu: bool | None = None, seed: int = 0) -> 
         meta = {"arch": "tiny_unet", "nbase": list(TINY_PRESETS[preset]), "preset": preset,
                 "diam_mean_px": CELLPOSE_REF_DIAMETER_PX, "seed": seed}
         return Model(spec=s, kind="cellpose", arch="tiny_unet", cp=_wrap_net(net, _gpu_device(gpu), s),
-                     diam_mean_px=CELLPOSE_REF_DIAMETER_PX, default_diameter="auto", meta=meta)
+                     diam_mean_px=CELLPOSE_REF_DIAMETER_PX, default_diameter=DIAMETER_AUTO, meta=meta)
     if s == "generalist":
         if not GENERALIST_PATH.is_file():
             raise SeglabError(f"model spec 'generalist': {GENERALIST_PATH} is missing; "
@@ -551,6 +556,62 @@ def load(spec: str | os.PathLike, *, gpu: bool | None = None, seed: int = 0) -> 
         return load_checkpoint(p, gpu=gpu)
     raise SeglabError(f"model spec '{s}' names no known model; use one of {', '.join(known_specs())} "
                       "or a path to a seglab checkpoint (.pt with a .pt.json sidecar)")
+
+
+# --------------------------------------------------------------------------------------
+# model identity: the one key every cache and record uses
+# --------------------------------------------------------------------------------------
+
+_SHA256_MEMO: dict = {}
+RANDOM_WEIGHT_SPECS = ("tiny", "cpsam-random")
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a weights file, hashed once per process while its size, mtime and inode stay the same
+    (a 1.2 GB cpsam file takes seconds to hash; a file replaced or rewritten is hashed again)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _SHA256_MEMO:
+        _SHA256_MEMO[key] = io.sha256_file(p)
+    return _SHA256_MEMO[key]
+
+
+def weights_file(spec: str) -> Path | None:
+    """The weights file a spec loads (the generalist asset, a cpsam name's file in the cellpose
+    models folder, or a checkpoint path), or None for specs without one (classical, random weights)."""
+    if spec == "generalist":
+        return GENERALIST_PATH
+    if spec in CPSAM_NAMES:
+        return cpsam_path(spec)
+    if spec == "classical" or spec.split("-")[0] in RANDOM_WEIGHT_SPECS or spec in RANDOM_WEIGHT_SPECS:
+        return None
+    p = Path(spec).expanduser()
+    return p if p.is_file() else paths.resolve(spec)
+
+
+def model_id(model: "Model | str | os.PathLike") -> str:
+    """The identity of what decides a model's outputs, for every cache key and record.
+
+    - a model with a weights file (``generalist``, ``cpsam`` / ``cpsam_v2``, a checkpoint):
+      the sha256 of that file's bytes, never its name, so two different cpsam files stored
+      under the same name never share a cache entry;
+    - random-weight built-ins (``tiny``, ``tiny-*``, ``cpsam-random``): ``builtin:<spec>:seed=<seed>``;
+    - ``classical``: ``classical``.
+
+    ``model`` is a spec, a checkpoint path or a loaded :class:`Model`.
+    """
+    spec = str(getattr(model, "spec", model))
+    if spec == "classical":
+        return "classical"
+    f = weights_file(spec)
+    if f is None:
+        seed = (getattr(model, "meta", None) or {}).get("seed", 0)
+        return io.sha256_text(f"builtin:{spec}:seed={seed}")
+    if not f.is_file():
+        raise SeglabError(f"model {spec!r}: no weights file to hash ({f} not found); pass a checkpoint path, "
+                          f"put the weights there, or use a built-in spec ({', '.join(known_specs())})")
+    return weights_sha256(f)
 
 
 def known_specs() -> list[str]:
@@ -579,7 +640,7 @@ def _load_cpsam(name: str, gpu) -> Model:
     except (RuntimeError, ValueError, EOFError, OSError) as exc:
         raise SeglabError(f"model '{name}': {path} could not be loaded ({exc}); the file is probably "
                           "truncated: delete it and fetch it again") from None
-    return Model(spec=name, kind="cellpose", arch="cpsam", cp=cp, bsize=256, default_diameter=None,
+    return Model(spec=name, kind="cellpose", arch="cpsam", cp=cp, bsize=256, default_diameter=DIAMETER_NATIVE,
                  meta={"arch": "cpsam", "weights": str(path)})
 
 
@@ -628,13 +689,13 @@ def load_checkpoint(path: str | os.PathLike, *, gpu: bool | None = None) -> Mode
     arch = meta.get("arch")
     if arch == "tiny_unet":
         net = build_tiny_net(meta["nbase"], diam_mean_px=meta.get("diam_mean_px", CELLPOSE_REF_DIAMETER_PX))
-        default_diameter = "auto"
+        default_diameter = DIAMETER_AUTO
         bsize = int(meta.get("eval_bsize", 256))
     elif arch == "cpsam":
         from cellpose.vit import CPSAM
 
         net = CPSAM(dtype=torch.float32)
-        default_diameter = None
+        default_diameter = DIAMETER_NATIVE
         bsize = 256
     else:
         raise SeglabError(f"{p}: unknown architecture {arch!r} in its sidecar (known: tiny_unet, cpsam)")

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from seglab import SeglabError
+from seglab.config.settings import DIAMETER_AUTO, DIAMETER_NATIVE, MaskSettings
 from seglab.core import io
 from seglab.segment import models
 from seglab.segment import dynamics
@@ -182,8 +183,7 @@ def _batches(items: Sequence, size: int) -> Iterator[list]:
         yield list(items[k:k + size])
 
 
-def predict(model: models.Model | str, tiles_dir, out_dir, *, shard=None, diameter_px="default",
-            flow_threshold: float = 0.4, cellprob_threshold: float = 0.0, min_size: int = 15,
+def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | None = None, *, shard=None,
             batch_tiles: int = 8, batch_size: int | None = None, save_network_outputs: bool = False,
             progress: bool = True, gpu: bool | None = None) -> pd.DataFrame:
     """Segment the tiles of one shard into ``out_dir``; returns the per-tile table.
@@ -194,8 +194,8 @@ def predict(model: models.Model | str, tiles_dir, out_dir, *, shard=None, diamet
     tiles_dir : tiles folder (see the module docstring).
     out_dir : output folder (created).
     shard : ``"I/N"`` or (I, N); None = all tiles.
-    diameter_px : object diameter (px), ``"auto"`` (estimate per tile), None
-        (no rescaling), or ``"default"`` (the model's).
+    mask : :class:`~seglab.config.settings.MaskSettings` (diameter, thresholds, min size);
+        None: the defaults (``seglab predict`` takes them from the profile's params).
     batch_tiles : tiles loaded and sent through cellpose together (same shape
         and diameter share network batches).
     batch_size : network tiles (bsize x bsize crops) per forward pass; None: the model's default
@@ -208,6 +208,7 @@ def predict(model: models.Model | str, tiles_dir, out_dir, *, shard=None, diamet
     """
     if isinstance(model, (str, os.PathLike)):
         model = models.load(model, gpu=gpu)
+    mask = MaskSettings() if mask is None else mask
     i, n = parse_shard(shard)
     tiles = shard_slice(discover_tiles(tiles_dir), (i, n))
     out = Path(out_dir)
@@ -255,22 +256,21 @@ def predict(model: models.Model | str, tiles_dir, out_dir, *, shard=None, diamet
         for batch in _batches(todo, max(1, int(batch_tiles))):
             t0 = time.time()
             images = [t.load() for t in batch]
-            diams = [model.resolve_diameter(models.Model.as_network_input(x, name=t.tile_id), diameter_px)
-                     if model.kind == "cellpose" or diameter_px == "auto" else None
+            diams = [model.resolve_diameter(models.Model.as_network_input(x, name=t.tile_id), mask.diameter_px)
+                     if model.kind == "cellpose" or mask.diameter_px == DIAMETER_AUTO else None
                      for t, x in zip(batch, images)]
-            masks, outs = [], []
             # one segment call per distinct diameter: tiles of the same shape share network batches
             groups: dict = {}
             for k, d in enumerate(diams):
                 groups.setdefault(None if d is None else float(d), []).append(k)
             res: dict = {}
             for d, idx in groups.items():
+                # the diameter is resolved per tile above; None there means no rescaling
+                at_d = mask.replace(diameter_px=DIAMETER_NATIVE if d is None else d)
                 if model.kind == "cellpose":
-                    m, o = model.segment([images[k] for k in idx], diameter_px=d, flow_threshold=flow_threshold,
-                                         cellprob_threshold=cellprob_threshold, min_size=min_size,
-                                         batch_size=batch_size, return_outputs=True)
+                    m, o = model.segment([images[k] for k in idx], at_d, batch_size=batch_size, return_outputs=True)
                 else:
-                    m, o = model.segment([images[k] for k in idx], diameter_px=d, min_size=min_size), [None] * len(idx)
+                    m, o = model.segment([images[k] for k in idx], at_d), [None] * len(idx)
                 for k, mm, oo in zip(idx, m, o):
                     res[k] = (mm, oo)
             sec = (time.time() - t0) / len(batch)

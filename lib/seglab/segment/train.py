@@ -43,67 +43,12 @@ import pandas as pd
 
 from seglab import SeglabError
 from seglab.core import io
+from seglab.config.settings import MaskSettings, TrainSettings
 from seglab.segment import models
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "seglab-train-state-1"
-
-
-@dataclass
-class TrainParams:
-    """Hyper-parameters of one fine-tuning run (names follow ``train_seg``).
-
-    n_epochs : epochs (>= 1).
-    learning_rate, weight_decay : AdamW; the rate warms up linearly from 0 over
-        the first 10 epochs and is halved in steps near the end (cellpose's schedule).
-    batch_size : crops per optimizer step.
-    bsize : crop size in px (256 for cpsam; a multiple of 8 for tiny nets).
-    nimg_per_epoch : crops per epoch (None: the number of training images).
-    scale_range : augmentation scales images by 1 +- scale_range / 2.
-    rescale : scale each image so its median object diameter becomes the net's
-        canonical diameter (``diam_mean_px``); None: True for tiny nets, False for cpsam.
-    min_train_masks : images with fewer objects are dropped (with a loud warning).
-    checkpoint_every : epochs per chunk / checkpoint.
-    seed : seeds numpy and torch.
-    """
-
-    n_epochs: int = 10
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 8
-    bsize: int = 256
-    nimg_per_epoch: int | None = None
-    scale_range: float = 0.5
-    rescale: bool | None = None
-    min_train_masks: int = 5
-    checkpoint_every: int = 5
-    seed: int = 0
-    normalize: bool = True
-
-    def check(self, n_train: int | None = None) -> "TrainParams":
-        def bad(key, why):
-            raise SeglabError(f"train params: {key}={getattr(self, key)!r} {why}")
-
-        if int(self.n_epochs) < 1:
-            bad("n_epochs", "must be >= 1")
-        if not self.learning_rate > 0:
-            bad("learning_rate", "must be > 0")
-        if self.weight_decay < 0:
-            bad("weight_decay", "must be >= 0")
-        if int(self.batch_size) < 1:
-            bad("batch_size", "must be >= 1")
-        if int(self.bsize) < 16 or int(self.bsize) % 8:
-            bad("bsize", "must be a multiple of 8 and >= 16 (256 for cpsam)")
-        if self.nimg_per_epoch is not None and int(self.nimg_per_epoch) < 1:
-            bad("nimg_per_epoch", "must be >= 1 or null")
-        if not 0 <= self.scale_range <= 2:
-            bad("scale_range", "must be in [0, 2]")
-        if int(self.min_train_masks) < 0:
-            bad("min_train_masks", "must be >= 0")
-        if int(self.checkpoint_every) < 1:
-            bad("checkpoint_every", "must be >= 1")
-        return self
 
 
 def lr_schedule(learning_rate: float, n_epochs: int) -> np.ndarray:
@@ -174,7 +119,7 @@ def tiles_hash(ids: Sequence[str], images: Sequence[np.ndarray], labels: Sequenc
 
 
 def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], *,
-        params: TrainParams, run_dir: str | Path, ids: Sequence[str] | None = None,
+        params: TrainSettings, run_dir: str | Path, ids: Sequence[str] | None = None,
         val_images: Sequence[np.ndarray] | None = None, val_labels: Sequence[np.ndarray] | None = None,
         meta: dict | None = None, stop_after_epochs: int | None = None, progress: bool = True,
         final_validation: bool = True) -> Path:
@@ -185,7 +130,7 @@ def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.n
     model : a cellpose-family ``seglab.segment.models.Model`` (tiny, generalist, cpsam, a checkpoint).
     images : (C, Y, X) arrays, C <= 3 ([DAPI, marker]); padded to [DAPI, marker, 0].
     labels : (Y, X) instance masks, 0 = background.
-    params : TrainParams.
+    params : :class:`~seglab.config.settings.TrainSettings`.
     run_dir : the run folder: ``checkpoint/state.pt`` (resume state),
         ``losses.tsv`` (epoch, lr, train_loss, val_loss), ``model.pt`` + sidecar.
         If ``checkpoint/state.pt`` exists, training resumes from it.
@@ -208,7 +153,6 @@ def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.n
 
     if model.kind != "cellpose":
         raise SeglabError(f"model '{model.spec}' has no network to train; use tiny, generalist, cpsam or a checkpoint")
-    params = TrainParams(**asdict(params)).check()
     if len(images) != len(labels):
         raise SeglabError(f"fit: {len(images)} images but {len(labels)} label images")
     if not len(images):
@@ -234,7 +178,7 @@ def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.n
     flows = _flows(ys, device)
     val_x = [models.Model.as_network_input(x, name="validation image") for x in (val_images or [])]
     val_f = _flows(list(val_labels), device) if val_x else None
-    n_epochs = int(params.n_epochs)
+    n_epochs = int(params.epochs)
     LR = lr_schedule(params.learning_rate, n_epochs)
     nimg = len(xs)
     nper = int(params.nimg_per_epoch or nimg)
@@ -382,7 +326,7 @@ class GeneralistRecipe:
 
     preset: str = "s"
     diam_mean_px: float = 20.0
-    n_epochs: int = 120
+    epochs: int = 120
     nimg_per_epoch: int = 96
     batch_size: int = 8
     bsize: int = 128
@@ -417,8 +361,7 @@ def evaluate_ap50(model: models.Model, images, labels, *, diameters=None) -> dic
 
     preds = []
     for i, x in enumerate(images):
-        d = "default" if diameters is None else diameters[i]
-        preds.append(model.segment(x, diameter_px=d))
+        preds.append(model.segment(x, MaskSettings(diameter_px=None if diameters is None else diameters[i])))
     ap, tp, fp, fn = average_precision([np.asarray(y) for y in labels], preds, threshold=[0.5])
     tp, fp, fn = tp[:, 0].sum(), fp[:, 0].sum(), fn[:, 0].sum()
     return {"ap50_mean": float(np.mean(ap[:, 0])), "ap50_pooled": float(tp / max(1, tp + fp + fn)),
@@ -467,7 +410,7 @@ def pretrain_generalist(recipe: GeneralistRecipe, *, run_dir: str | Path, out_pa
     model = models.Model(spec=f"tiny-{recipe.preset}", kind="cellpose", arch="tiny_unet",
                          cp=models._wrap_net(net, torch.device("cpu"), f"tiny-{recipe.preset}"),
                          diam_mean_px=recipe.diam_mean_px, default_diameter="auto")
-    params = TrainParams(n_epochs=recipe.n_epochs, learning_rate=recipe.learning_rate,
+    params = TrainSettings(epochs=recipe.epochs, learning_rate=recipe.learning_rate,
                          weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, bsize=recipe.bsize,
                          nimg_per_epoch=recipe.nimg_per_epoch, scale_range=recipe.scale_range, rescale=True,
                          min_train_masks=1, checkpoint_every=recipe.checkpoint_every, seed=recipe.seed)
@@ -523,9 +466,21 @@ VARIANTS = ("generic", "marker_specific", "marker_only", "label_budget", "leave_
 RUN_KEYS = {"model": str, "cohort_dir": str, "manifest": str, "out_dir": str, "variant": str,
             "markers": list, "budget": int, "budget_seed": int, "diameter_px": float, "gpu": bool,
             "final_validation": bool}
-TRAIN_KEYS = {"n_epochs": int, "epochs": int, "learning_rate": float, "weight_decay": float, "batch_size": int,
-              "bsize": int, "nimg_per_epoch": int, "scale_range": float, "rescale": bool,
-              "min_train_masks": int, "checkpoint_every": int, "seed": int}
+
+
+def _train_key_types() -> dict:
+    """{TrainSettings field: the type a params file gives it}, from the dataclass's annotations."""
+    import types
+    import typing
+
+    out = {}
+    for k, hint in typing.get_type_hints(TrainSettings).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+        out[k] = args[0]
+    return out
+
+
+TRAIN_KEYS = _train_key_types()
 
 
 def check_train_config(cfg: dict, source: str = "params") -> dict:
@@ -560,8 +515,6 @@ def check_train_config(cfg: dict, source: str = "params") -> dict:
         raise SeglabError(f"{source}: variant 'label_budget' needs 'budget' (number of training tiles, >= 1)")
     if cfg.get("budget") is not None and cfg["budget"] < 1:
         raise SeglabError(f"{source}: budget={cfg['budget']} must be >= 1")
-    if "epochs" in cfg and "n_epochs" in cfg:
-        raise SeglabError(f"{source}: give 'epochs' or 'n_epochs', not both")
     return cfg
 
 
@@ -597,11 +550,8 @@ def train_from_params(cfg: dict, *, source: str = "params", progress: bool = Tru
     from seglab.core import paths
 
     cfg = check_train_config(dict(cfg), source)
-    tp0 = {k: cfg[k] for k in TRAIN_KEYS if k in cfg and k != "epochs"}
-    if "epochs" in cfg:
-        tp0["n_epochs"] = cfg["epochs"]
     try:
-        TrainParams(**tp0).check()
+        params = TrainSettings.from_params(cfg)
     except SeglabError as exc:
         raise SeglabError(f"{source}: {exc}") from None
     if "manifest" in cfg:
@@ -627,13 +577,6 @@ def train_from_params(cfg: dict, *, source: str = "params", progress: bool = Tru
 
     tr_x, tr_y = load(tr)
     va_x, va_y = load(va) if len(va) else ([], [])
-    tp = {k: cfg[k] for k in TRAIN_KEYS if k in cfg and k != "epochs"}
-    if "epochs" in cfg:
-        tp["n_epochs"] = cfg["epochs"]
-    try:
-        params = TrainParams(**tp).check()
-    except SeglabError as exc:
-        raise SeglabError(f"{source}: {exc}") from None
     model = models.load(cfg["model"], gpu=cfg.get("gpu"), seed=params.seed)
     run_dir = paths.resolve(cfg["out_dir"])
     meta = {"base_spec": cfg["model"], "variant": cfg.get("variant", "generic"), "markers": cfg.get("markers"),

@@ -2,7 +2,7 @@
 
 Notebooks 01, 02, 05 and 06 spend nearly all their time in work whose outputs
 land in content-addressed caches: fine-tunes in ``data/models/`` (:func:`seglab.segment.finetuning.finetune`)
-and cohort inference shards in ``data/predictions/`` (:func:`seglab.experiments.cohort_inference.predict_cohort`).
+and cohort inference shards in ``data/predictions/`` (:func:`seglab.segment.cohort_prediction.predict_cohort`).
 This module lists that work, one item per fine-tune or shard, built from the SAME
 library calls the notebooks make (``study.e1_finetune_jobs``, ``efficiency.label_budget_jobs``,
 ``efficiency.lomo_jobs``, ``predict_cohort(..., n_shards=N, shards=[I])``), so that a
@@ -31,7 +31,9 @@ from typing import Any, Callable
 from seglab import SeglabError
 from seglab.core import paths
 from seglab.config.params import params_hash
+from seglab.config.settings import MaskSettings, TrainSettings
 from seglab.segment import finetuning
+from seglab.segment import cohort_prediction
 
 
 class ItemsUnknown(SeglabError):
@@ -88,7 +90,7 @@ def _finetune_key(job: dict) -> str:
     """Equal for two ``finetuning.finetune`` calls that train into the same cache folder (defaults filled in,
     as ``finetuning.model_dir`` reads them), without reading the cohort."""
 
-    cfg = finetuning._finetune_config(job["base"], job["cohort_dir"], job.get("variant", "generic"), job["train_params"],
+    cfg = finetuning.finetune_config(job["base"], job["cohort_dir"], job.get("variant", "generic"), job["training"],
                                  job.get("markers"), job.get("budget"), job.get("budget_seed", 0))
     cache = str(paths.resolve(job.get("cache_dir", finetuning.MODEL_CACHE)))
     return "finetune:" + params_hash({"cfg": cfg, "cache": cache})[:24]
@@ -98,14 +100,14 @@ def _reference_generic(params: dict) -> dict:
 
     # the full-data reference of 02 and 06 (and E1's generic model, and E5's fine-tuned model)
     return finetuning.reference_job(params["baseline_model"], params["cohort_dir"],
-                                    train_params=finetuning.train_params(params))
+                                    training=TrainSettings.from_params(params))
 
 
 def _e1_items(params: dict) -> list[Item]:
     from seglab.experiments import study
 
     jobs = study.e1_finetune_jobs(params["baseline_model"], params["cohort_dir"],
-                                  train_params=finetuning.train_params(params), markers=params["markers"])
+                                  training=TrainSettings.from_params(params), markers=params["markers"])
     return [_finetune_item(f"model={name}", job) for name, job in jobs.items()]
 
 
@@ -125,7 +127,7 @@ def _e2_items(params: dict) -> list[Item]:
     budgets = _budgets(params)
     repeats = int(params["repeats"])
     jobs = efficiency.label_budget_jobs(params["baseline_model"], params["cohort_dir"], budgets, repeats,
-                                        train_params=finetuning.train_params(params))
+                                        training=TrainSettings.from_params(params))
     items = [_finetune_item(f"budget={j['budget']} repeat={j['budget_seed']}", j) for j in jobs]
     if params.get("reference_full_data"):
         items.append(_finetune_item("reference=finetuned_generic", _reference_generic(params)))
@@ -150,7 +152,7 @@ def _e6_items(params: dict) -> list[Item]:
 
     markers = _e6_markers(params)
     jobs = efficiency.lomo_jobs(params["baseline_model"], params["cohort_dir"], markers,
-                                train_params=finetuning.train_params(params))
+                                training=TrainSettings.from_params(params))
     items = [_finetune_item(f"held_out={j['markers'][0]}", j) for j in jobs]
     items.append(_finetune_item("reference=finetuned_generic", _reference_generic(params)))
     return items
@@ -193,12 +195,12 @@ def _e5_items(params: dict) -> list[Item]:
 
     n, shards = _e5_shards(params)
     tiles_dir = paths.resolve(params["cohort_dir"]) / "tiles"
-    settings = ci.inference_settings(params)
+    settings = MaskSettings.from_params(params)
     folders: dict[str, Path] = {}
 
     def folder(name, spec_of) -> Path:   # hashing the weights and tiles once per model, not per shard
         if name not in folders:
-            folders[name] = ci.prediction_dir(spec_of(), tiles_dir, settings, root=params["predictions_dir"])
+            folders[name] = cohort_prediction.prediction_dir(spec_of(), tiles_dir, settings, root=params["predictions_dir"])
         return folders[name]
 
     # what decides a shard's output folder, without hashing weights or tiles (the fine-tuned model by its training)
@@ -214,7 +216,7 @@ def _e5_items(params: dict) -> list[Item]:
 
             def run(log, name=name, spec_of=spec_of, i=i):
                 # exactly the notebook's call, for one shard
-                return ci.predict_cohort(spec_of(), tiles_dir, settings, name=name, root=params["predictions_dir"],
+                return cohort_prediction.predict_cohort(spec_of(), tiles_dir, settings, name=name, root=params["predictions_dir"],
                                          n_shards=n, shards=[i], batch_tiles=params["batch_tiles"],
                                          batch_size=params["inference_batch_size"], log=log)
 
@@ -247,12 +249,12 @@ def check(experiment: str, params: dict, log: Callable = print) -> dict:
         raise SeglabError(f"{name}: has no merge check (only 05_downstream's inference shards have one)")
     n, shards = _e5_shards(params)
     tiles_dir = paths.resolve(params["cohort_dir"]) / "tiles"
-    settings = ci.inference_settings(params)
+    settings = MaskSettings.from_params(params)
     all_tiles = predict.list_tiles(tiles_dir)
     wanted = [t for k, t in enumerate(all_tiles) if sharding.shard_of(k, n) in shards]
     out, problems = {}, []
     for model, spec_of in _e5_models(params).items():
-        folder = ci.prediction_dir(spec_of(), tiles_dir, settings, root=params["predictions_dir"])
+        folder = cohort_prediction.prediction_dir(spec_of(), tiles_dir, settings, root=params["predictions_dir"])
         if shards == list(range(n)):
             try:
                 c = sharding.merge_shards(tiles_dir, folder, n, log=log)
