@@ -4,7 +4,7 @@
 and 06 (so that ``seglab.workflow.prepare`` sees the same params as in the study), writes a ``tiny``
 profile (the ``tiny-xs`` net, 1 epoch of 4 crops of 64 px, on a tiny simulated cohort) and a
 probe notebook ``02_label_efficiency`` that makes exactly the fine-tunes of the real notebook
-02 (``efficiency.label_budget_jobs`` + the generic reference, through ``finetune_many``) and
+02 (``e2_label_efficiency.label_budget_jobs`` + the generic reference, through ``finetune_many``) and
 records in its summary how many it had to train itself, and a probe ``05_downstream`` that
 makes the real notebook 05's inference (both models, ``predict_cohort`` over the shards) and
 records per model the tiles it covered and how many it had to segment itself.
@@ -52,12 +52,12 @@ E2_CELLS = [
                    'reference_full_data = True\ntorch_threads = 1\nrun_dir = None\nprofile = "interactive"'),
     ("code", "import torch\ntorch.set_num_threads(1)\nfrom seglab.workflow.runs import attach\n"
              "from seglab.config.settings import TrainSettings\n"
-             "from seglab.experiments import efficiency\nfrom seglab.segment import finetuning\n"
+             "from seglab.experiments import e2_label_efficiency\nfrom seglab.segment import finetuning\n"
              "run = attach('02_label_efficiency', run_dir, profile)"),
     # the fine-tunes of notebooks/02_label_efficiency.ipynb (section 2), as it makes them
     ("code", "tp = TrainSettings(epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay,\n"
              "    batch_size=batch_size, bsize=bsize, nimg_per_epoch=nimg_per_epoch, seed=seed)\n"
-             "jobs = efficiency.label_budget_jobs(baseline_model, cohort_dir, sorted(set(budgets)), repeats, training=tp)\n"
+             "jobs = e2_label_efficiency.label_budget_jobs(baseline_model, cohort_dir, sorted(set(budgets)), repeats, training=tp)\n"
              "if reference_full_data:\n"
              "    jobs.append(dict(base=baseline_model, cohort_dir=cohort_dir, variant='generic', training=tp))\n"
              "fits = finetuning.finetune_many(jobs, n_jobs=1)\n"

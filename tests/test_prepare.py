@@ -16,13 +16,13 @@ import pytest
 
 from seglab.config.settings import MaskSettings, TrainSettings
 from seglab import SeglabError
-from seglab.experiments import efficiency
 from seglab.core import paths
 from seglab.workflow import prepare
-from seglab.experiments import study
 from seglab.config.params import load_params
 from seglab.segment import finetuning
 from seglab.segment import cohort_prediction
+from seglab.experiments import e2_label_efficiency
+from seglab.experiments import e1_baseline_vs_finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,12 +67,12 @@ def test_items_are_the_notebooks_own_fine_tunes_and_shards_in_a_fixed_order(proj
                                          "budget=2 repeat=1", "reference=finetuned_generic"]
     assert [it.index for it in items] == [0, 1, 2, 3, 4]
     tp = TrainSettings.from_params(p2)
-    assert [it.args for it in items[:4]] == efficiency.label_budget_jobs("tiny-xs", str(small_cohort), [1, 2], 2,
+    assert [it.args for it in items[:4]] == e2_label_efficiency.label_budget_jobs("tiny-xs", str(small_cohort), [1, 2], 2,
                                                                          training=tp)
     # the same generic model in 01, 02 and 06: one key, so one array trains it
     e1 = prepare.work_items("01_baseline_vs_finetune", params_of("01_baseline_vs_finetune"))
-    assert [it.label for it in e1] == [f"model={m}" for m in study.E1_VARIANTS]
-    assert [it.args for it in e1] == list(study.e1_finetune_jobs("tiny-xs", str(small_cohort), training=tp,
+    assert [it.label for it in e1] == [f"model={m}" for m in e1_baseline_vs_finetune.E1_VARIANTS]
+    assert [it.args for it in e1] == list(e1_baseline_vs_finetune.e1_finetune_jobs("tiny-xs", str(small_cohort), training=tp,
                                                                  markers=["gfap"]).values())
     e6 = prepare.work_items("06_leave_one_marker_out", params_of("06_leave_one_marker_out", lomo_markers=[]))
     assert [it.label for it in e6] == ["held_out=gfap", "held_out=iba1", "held_out=neun", "held_out=olig2",
@@ -115,7 +115,6 @@ def test_cli_lists_runs_one_item_skips_it_when_done_and_refuses_bad_indices(proj
 
 
 def test_e5_shards_fill_the_notebooks_prediction_folders_and_the_merge_check_catches_lost_and_doubled_tiles(project):
-    from seglab.experiments import cohort_inference as ci
     from seglab.segment import predict
 
     p5 = params_of("05_downstream")
@@ -150,7 +149,7 @@ def test_e5_shards_fill_the_notebooks_prediction_folders_and_the_merge_check_cat
         prepare.check("05_downstream", p5, log=lambda *_: None)
     partial = params_of("05_downstream", shards=[1])
     assert prepare.check("05_downstream", partial, log=lambda *_: None)["baseline"]["ok"]   # shard 1 alone is fine
-    with pytest.raises(SeglabError, match="only 05_downstream"):
+    with pytest.raises(SeglabError, match="has no merge check"):
         prepare.check("02_label_efficiency", params_of("02_label_efficiency"))
 
 

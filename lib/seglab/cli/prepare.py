@@ -32,7 +32,7 @@ def cmd_prepare(args) -> int:
     e, params, items = prepare.load(args.experiment, args.profile, _overrides(args.set))
     if args.list:
         if not items:
-            print(f"{e.name} ({args.profile}): no prepare items (only {', '.join(prepare.PREPARERS)} have heavy work)")
+            print(f"{e.name} ({args.profile}): no prepare items (it has no heavy work: its experiment module lists no work_items)")
             return 0
         done = [it.done() for it in items]
         print(f"{e.name} ({args.profile}): {len(items)} prepare items, {sum(done)} done, {len(items) - sum(done)} to do")
@@ -48,7 +48,7 @@ def cmd_prepare(args) -> int:
             return 0
         for it in items:
             prepare.run_item(e, params, it.index)
-        if e.name in prepare.CHECKED:
+        if prepare.checked(e):
             prepare.check(e, params)
         return 0
     prepare.run_item(e, params, task, expect_label=args.expect_label)

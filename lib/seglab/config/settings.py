@@ -8,7 +8,7 @@ loose keyword copies:
   flow and cell-probability thresholds, minimum size, dynamics iterations).
   Its field defaults are THE defaults of the library: ``Model.segment``,
   ``seglab predict``, the output caches and every experiment take a
-  ``MaskSettings``; nothing else declares ``flow_threshold=0.4``.
+  ``MaskSettings``; nothing else declares a default for them.
 - :class:`TrainSettings`: the hyper-parameters of one fine-tune (names follow
   cellpose's ``train_seg``; ``epochs`` is the params key and the field).
 

@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 
 from seglab import SeglabError
+from seglab.config.settings import MaskSettings
 from seglab.data import splitset
-from seglab.evaluate import metrics
+from seglab.evaluate import metrics, scoring
+from seglab.segment import models, output_cache
 
 
 def evaluate_masks(split: splitset.SplitSet, masks: Sequence[np.ndarray], thresholds=(0.5, 0.75, 0.9)) -> metrics.Evaluation:
@@ -229,3 +231,29 @@ def gap_table(table: pd.DataFrame, metric: str = "ap_pooled", reference: str = "
     wide.columns = [f"{metric}_{c}" for c in wide.columns]
     wide[f"gap_{reference}_minus_{other}"] = wide[f"{metric}_{reference}"] - wide[f"{metric}_{other}"]
     return wide.reset_index()
+
+
+def evaluate_model(model, split: splitset.SplitSet, mask: MaskSettings, *, iou: float = 0.5, cached: bool = False):
+    """Segment every tile of ``split`` once with ``model`` and score it at ``iou``.
+
+    Parameters
+    ----------
+    model : a ``seglab.segment.models.Model`` or a spec / checkpoint path for ``models.load``.
+    split : the tiles (see :func:`seglab.data.splitset.annotated_split`).
+    mask : the mask settings (diameter, thresholds, min size).
+    cached : take the network outputs from (and put them into) the cache of
+        :func:`seglab.segment.output_cache.segment_cached`, so a pass another notebook made on the
+        same tiles with the same weights is reused.
+
+    Returns
+    -------
+    (scores, per_image, masks) : the dict of :func:`scores_from_per_image`,
+    ``Evaluation.per_image`` (with marker and donor columns) and the predicted masks.
+    """
+    if not isinstance(model, models.Model):
+        model = models.load(model)
+    segment = output_cache.segment_cached if cached else output_cache.segment_split
+    extra = {"log": lambda *a: None} if cached else {}
+    masks, _ = segment(model, split, mask, **extra)
+    ev = scoring.evaluate_masks(split, masks, thresholds=(iou,))
+    return scoring.scores_from_per_image(ev.per_image, iou), ev.per_image, masks

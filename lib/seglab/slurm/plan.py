@@ -279,7 +279,7 @@ def _plan_prepare(e, profile: str, cluster: Cluster, job: Job, plan: Plan, claim
         f" ({len(items) - len(todo)} cached or run elsewhere)" if len(todo) < len(items) else "")
     plan.jobs.append(prep)
     job.needs.append(name)
-    if e.name in prepare.CHECKED:
+    if prepare.checked(e):
         check = Job(name=f"{e.name}:merge", kind="check", title=f"{e.name} ({profile}): every tile exactly once",
                     command=["seglab", "prepare", e.name, "--profile", profile, "--check"],
                     resources=cluster.resources(f"{e.name}:merge"), experiment=e.name, profile=profile,

@@ -1,4 +1,4 @@
-"""seglab.experiments.efficiency: the label-budget (E2) and leave-one-marker-out (E6) loops, scores, plateau and figures."""
+"""seglab.experiments.e2_label_efficiency and e6_leave_one_marker_out: the label-budget (E2) and leave-one-marker-out (E6) loops, scores, plateau and figures."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import pytest
 from seglab import SeglabError
 from seglab.config.settings import MaskSettings, TrainSettings
 from seglab.data import manifest as data
-from seglab.experiments import efficiency
 from seglab.evaluate import metrics
 from seglab.segment import models
 from seglab.data import splitset
 from seglab.segment import finetuning
 from seglab.evaluate import scoring
+from seglab.experiments import e2_label_efficiency
+from seglab.experiments import e6_leave_one_marker_out
+from seglab.plots import efficiency as efficiency_plots
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,11 +94,11 @@ def test_split_subset_keeps_rows_images_and_masks_aligned(manifest):
 
 def test_check_budgets_fails_before_training(manifest):
     n_train = int((manifest["annotated"] & (manifest["split"] == "train")).sum())
-    assert efficiency.check_budgets(manifest, [3, 1, 3], repeats=2) == [1, 3]
+    assert e2_label_efficiency.check_budgets(manifest, [3, 1, 3], repeats=2) == [1, 3]
     with pytest.raises(SeglabError, match=rf"outside 1..{n_train}"):
-        efficiency.check_budgets(manifest, [1, n_train + 1], repeats=1)
+        e2_label_efficiency.check_budgets(manifest, [1, n_train + 1], repeats=1)
     with pytest.raises(SeglabError, match="at least one repeat"):
-        efficiency.check_budgets(manifest, [1], repeats=0)
+        e2_label_efficiency.check_budgets(manifest, [1], repeats=0)
 
 
 def test_curve_summary_and_plateau():
@@ -123,7 +125,7 @@ def test_label_budget_runs_train_score_and_reuse(cohort, manifest, tmp_path):
     cache = str(tmp_path / "models")
     kw = dict(training=TP, val=val, mask=MaskSettings(), cache_dir=cache, log=None)
     # without rescoring, training scores each model on validation and the notebook reads it back
-    quick, none = efficiency.label_budget_runs("tiny-xs", str(cohort), [2, 1], 1, rescore=False, **kw)
+    quick, none = e2_label_efficiency.label_budget_runs("tiny-xs", str(cohort), [2, 1], 1, rescore=False, **kw)
     assert none.empty and not quick["cached"].any()
     assert list(zip(quick["budget"], quick["budget_seed"])) == [(2, 0), (1, 0)]
     assert list(quick["n_train_tiles"] + quick["n_dropped_tiles"]) == [2, 1]
@@ -134,21 +136,21 @@ def test_label_budget_runs_train_score_and_reuse(cohort, manifest, tmp_path):
         assert 0 <= r["ap_pooled"] <= 1 and r["n_images"] == len(val)
     # the same grid again trains nothing; rescoring segments every validation tile (two workers) and
     # gives the same pooled AP as training's own pass
-    runs, per = efficiency.label_budget_runs("tiny-xs", str(cohort), [2, 1], 1, n_jobs=2, **kw)
+    runs, per = e2_label_efficiency.label_budget_runs("tiny-xs", str(cohort), [2, 1], 1, n_jobs=2, **kw)
     assert runs["cached"].all() and len(per) == len(runs) * len(val)
     assert np.allclose(quick["ap_pooled"], runs["ap_pooled"], atol=1e-6)
     with pytest.raises(SeglabError, match="rescore_per_image"):
-        efficiency.label_budget_runs("tiny-xs", str(cohort), [1], 1, rescore=False,
+        e2_label_efficiency.label_budget_runs("tiny-xs", str(cohort), [1], 1, rescore=False,
                                      **{**kw, "mask": MaskSettings(flow_threshold=0.6)})
     # a model trained for rescoring skips training's validation pass: nothing to read back
-    fresh, _ = efficiency.label_budget_runs("tiny-xs", str(cohort), [1], 1, **{**kw, "cache_dir": str(tmp_path / "m2")})
+    fresh, _ = e2_label_efficiency.label_budget_runs("tiny-xs", str(cohort), [1], 1, **{**kw, "cache_dir": str(tmp_path / "m2")})
     assert "val_ap50_pooled" not in (models.read_sidecar(fresh.loc[0, "model"]).get("metrics") or {})
     with pytest.raises(SeglabError, match="no validation AP"):
         finetuning.sidecar_val_scores(fresh.loc[0, "model"])
-    fig = efficiency.plot_learning_curve(runs, {"ap_pooled": "val AP", "ap_mean": "val AP (mean)"},
+    fig = efficiency_plots.plot_learning_curve(runs, {"ap_pooled": "val AP", "ap_mean": "val AP (mean)"},
                                          references={"ap_pooled": {"baseline": 0.1, "all tiles": 0.5}},
                                          plateau={"ap_pooled": 2}, tolerance=0.02)
-    assert efficiency.label_budget_jobs("g", "c", [4, 12], 2, training=TP)[1] == dict(
+    assert e2_label_efficiency.label_budget_jobs("g", "c", [4, 12], 2, training=TP)[1] == dict(
         base="g", cohort_dir="c", variant="label_budget", training=TP, budget=4, budget_seed=1,
         cache_dir=finetuning.MODEL_CACHE, validate=True)
     assert len(fig.axes) == 2
@@ -161,16 +163,16 @@ def test_label_budget_runs_train_score_and_reuse(cohort, manifest, tmp_path):
 def test_lomo_markers(manifest):
     ann = manifest[manifest["annotated"]]
     usable = sorted(set(ann.loc[ann.split == "train", "marker"]) & set(ann.loc[ann.split == "test", "marker"]))
-    assert efficiency.lomo_markers(manifest) == usable
-    assert efficiency.lomo_markers(manifest, []) == usable
-    assert efficiency.lomo_markers(manifest, [usable[1], usable[0], usable[1]]) == [usable[1], usable[0]]
+    assert e6_leave_one_marker_out.lomo_markers(manifest) == usable
+    assert e6_leave_one_marker_out.lomo_markers(manifest, []) == usable
+    assert e6_leave_one_marker_out.lomo_markers(manifest, [usable[1], usable[0], usable[1]]) == [usable[1], usable[0]]
     with pytest.raises(SeglabError, match="'bogus'|bogus"):
-        efficiency.lomo_markers(manifest, ["bogus"])
+        e6_leave_one_marker_out.lomo_markers(manifest, ["bogus"])
 
 
 def test_lomo_finetune_evaluate_and_gap(cohort, manifest, tmp_path):
-    markers = efficiency.lomo_markers(manifest)[:2]
-    lomo = efficiency.finetune_lomo("tiny-xs", str(cohort), markers, training=TP,
+    markers = e6_leave_one_marker_out.lomo_markers(manifest)[:2]
+    lomo = e6_leave_one_marker_out.finetune_lomo("tiny-xs", str(cohort), markers, training=TP,
                                     cache_dir=str(tmp_path / "models"), log=None)
     assert list(lomo["marker"]) == markers
     marker_of = dict(zip(manifest["tile_id"], manifest["marker"]))
@@ -180,7 +182,7 @@ def test_lomo_finetune_evaluate_and_gap(cohort, manifest, tmp_path):
         assert side["train_tiles"] and all(marker_of[t] != r["marker"] for t in side["train_tiles"])
     test = splitset.annotated_split(manifest, "test")
     calls = []
-    table, per = efficiency.evaluate_lomo(lomo, {"baseline": "tiny-xs"}, test, MaskSettings(),
+    table, per = e6_leave_one_marker_out.evaluate_lomo(lomo, {"baseline": "tiny-xs"}, test, MaskSettings(),
                                           before=lambda name, cfg: calls.append((name, cfg["iou"])))
     assert calls == [(f"lomo_{m}", 0.5) for m in markers] + [("baseline", 0.5)]
     assert sorted(zip(table["marker"], table["model"])) == sorted((m, k) for m in markers for k in ("lomo", "baseline"))
@@ -195,7 +197,7 @@ def test_lomo_finetune_evaluate_and_gap(cohort, manifest, tmp_path):
     assert np.allclose(gaps["gap_baseline_minus_lomo"], gaps["ap_pooled_baseline"] - gaps["ap_pooled_lomo"])
     with pytest.raises(SeglabError, match="no rows for model 'generic'"):
         scoring.gap_table(table)
-    fig = efficiency.plot_marker_bars(table, per, models_order=["baseline", "lomo"])
+    fig = efficiency_plots.plot_marker_bars(table, per, models_order=["baseline", "lomo"])
     assert len(fig.axes[0].patches) == 2 * len(markers)
 
 

@@ -1,4 +1,4 @@
-"""seglab.experiments.study: the building blocks of notebooks 01-06 (sweeps, selection, gates, sensitivity, caches)."""
+"""The building blocks of notebooks 01-06: masks from outputs, sweeps, selection, gates, sensitivity, caches."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import pytest
 from seglab.config.settings import MaskSettings
 from seglab import SeglabError
 from seglab.segment import postprocess
-from seglab.experiments import study
 from seglab.data import splitset
 from seglab.segment import dynamics
 from seglab.segment import output_cache
-from seglab.segment import finetuning
 from seglab.evaluate import scoring
 from seglab.evaluate import sweeps
 

@@ -1,4 +1,4 @@
-"""seglab.experiments.cohort_inference: content-addressed, resumable cohort inference and planted-effect recovery."""
+"""seglab.segment.cohort_prediction and seglab.downstream.planted: content-addressed, resumable cohort inference and planted-effect recovery."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 
 from seglab import SeglabError
 from seglab.config.settings import MaskSettings
-from seglab.experiments import cohort_inference as ci
 from seglab.downstream.correlate import analyse
 from seglab.downstream.features import tile_table
 from seglab.downstream.synthetic import synthetic_tile_table
 from seglab.segment import cohort_prediction
 from seglab.downstream import planted
+from seglab.plots import downstream
 
 SETTINGS = MaskSettings(min_size=5)
 
@@ -207,7 +207,7 @@ def test_planted_recovery_on_a_synthetic_cohort_with_the_downstream_engine():
     lat = latent.set_index("marker")
     assert lat.loc["gfap", "rho_latent"] > 0.6 and lat.loc["neun", "rho_latent"] < -0.6
     assert abs(lat.loc["olig2", "rho_latent"]) < 0.4 and lat.loc["gfap", "n_donors"] == 40
-    fig = ci.recovery_figure(per, pm, latent)
+    fig = downstream.recovery_figure(per, pm, latent)
     assert len(fig.axes) >= 3
 
 
