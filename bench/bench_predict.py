@@ -52,6 +52,7 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from seglab.segment import models
+    from seglab.config.settings import MaskSettings
     from seglab.segment import predict
 
     model = models.load(args.model, gpu=True if args.gpu else False)
@@ -61,7 +62,7 @@ def child(args) -> None:
     for p in sorted(src.glob("*.tif"))[: args.n]:
         os.symlink(p, sub / p.name)
     t0 = time.perf_counter()
-    df = predict.predict(model, sub, Path(args.out) / "masks", diameter_px=args.diameter, batch_tiles=8,
+    df = predict.predict(model, sub, Path(args.out) / "masks", MaskSettings(diameter_px=args.diameter), batch_tiles=8,
                          batch_size=8, progress=False)
     wall = time.perf_counter() - t0
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -103,7 +104,7 @@ def split_times(model_spec: str, tiles: Path, n: int, diameter, threads, gpu) ->
     cp = model.cp
     cp._run_net = timed("net", cp._run_net)
     cp._compute_masks = timed("masks", cp._compute_masks)
-    with models._quiet_cellpose():
+    with models.quiet_cellpose():
         cp.eval(stack[:8], **kw)  # warm-up
         spent.update(net=0.0, masks=0.0)
         t0 = time.perf_counter()
