@@ -116,3 +116,20 @@ def test_every_cache_misses_when_the_bytes_of_a_cpsam_named_weights_file_change(
     weights.unlink()
     with pytest.raises(SeglabError, match="no weights file"):
         models.model_id("cpsam")
+
+
+def test_a_notebook_gets_its_validated_params_and_settings_from_attach(params_project):
+    """The runner's params reach the notebook as run.params / run.mask / run.training: no cell rebuilds a dict."""
+    from seglab.workflow.runs import attach
+
+    (params_project / "runs").mkdir()
+    namespace = dict(load_params("01_baseline_vs_finetune", "demo")[0], unrelated_global=object())
+    run = attach("01_baseline_vs_finetune", params_project / "runs", "demo", namespace)
+    assert run.params == load_params("01_baseline_vs_finetune", "demo")[0]
+    assert run.mask == MaskSettings.from_params(namespace) and run.training == TrainSettings.from_params(namespace)
+    bad = attach("01_baseline_vs_finetune", params_project / "runs", "demo", {**namespace, "epochs": "ten"})
+    with pytest.raises(SeglabError, match="epochs"):
+        bad.params
+    partial = attach("01_baseline_vs_finetune", params_project / "runs", "demo", {"epochs": 3})
+    with pytest.raises(SeglabError, match="sync-parameters"):
+        partial.params

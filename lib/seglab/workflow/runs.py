@@ -45,7 +45,8 @@ from seglab import SeglabError
 from seglab.core import io
 from seglab.core import paths
 from seglab.workflow.chain import Experiment, find_experiment, load_experiments, with_upstream
-from seglab.config.params import load_params, load_schema, params_hash
+from seglab.config.params import load_params, load_schema, params_hash, validate
+from seglab.config.settings import MaskSettings, TrainSettings
 
 MANIFEST = "manifest.json"
 STARTING = "starting"   # a run folder whose manifest.json is not written (or not readable) yet
@@ -427,16 +428,26 @@ def run_all(profile: str, force: bool = False, only: list[str] | None = None, re
 
 
 class RunContext:
-    """What a notebook writes into its run folder: tables, figures, JSON and ``summary.json``.
+    """What a notebook reads (its validated params) and writes into its run folder: tables,
+    figures, JSON and ``summary.json``.
 
     Every write is atomic. In JupyterLab (``run_dir`` None) a fresh folder
     ``runs/<experiment>/interactive/<run-id>/`` is made, so exploring never
     touches the runs of the profiles.
+
+    Attributes
+    ----------
+    params : the notebook's params, validated against its schema (dict).
+    mask : :class:`~seglab.config.settings.MaskSettings` made from ``params``.
+    training : :class:`~seglab.config.settings.TrainSettings` made from ``params``.
     """
 
-    def __init__(self, experiment: str, run_dir: str | os.PathLike | None = None, profile: str = "interactive"):
+    def __init__(self, experiment: str, run_dir: str | os.PathLike | None = None, profile: str = "interactive",
+                 namespace: dict | None = None):
         self.experiment = experiment
         self.profile = profile
+        self._namespace = namespace
+        self._params: dict | None = None
         if run_dir is None:
             parent = paths.runs_dir() / experiment / "interactive"
             parent.mkdir(parents=True, exist_ok=True)
@@ -446,6 +457,20 @@ class RunContext:
                                                "run_id": run_dir.name, "status": "interactive",
                                                "started": utc_now(), "git": git_state(paths.project_root())})
         self.run_dir = Path(run_dir)
+
+    @property
+    def params(self) -> dict:
+        if self._params is None:
+            self._params = notebook_params(self.experiment, self._namespace)
+        return self._params
+
+    @property
+    def mask(self) -> MaskSettings:
+        return MaskSettings.from_params(self.params)
+
+    @property
+    def training(self) -> TrainSettings:
+        return TrainSettings.from_params(self.params)
 
     def path(self, name: str) -> Path:
         p = self.run_dir / name
@@ -498,6 +523,21 @@ class RunContext:
         return current
 
 
-def attach(experiment: str, run_dir: str | None = None, profile: str = "interactive") -> RunContext:
-    """The notebook's handle on its run folder (the cell after ``parameters`` calls this)."""
-    return RunContext(experiment, run_dir, profile)
+def notebook_params(experiment: str, namespace: dict | None) -> dict:
+    """The notebook's params: the values of its schema's keys in ``namespace`` (the notebook's
+    globals: the parameters cell, which papermill replaces with the run's resolved params),
+    validated against the schema. Without a namespace: the demo profile's params."""
+    if namespace is None:
+        return load_params(experiment, "demo")[0]
+    schema = load_schema(experiment)
+    missing = [k for k in schema.specs if k not in namespace]
+    if missing:
+        raise SeglabError(f"{experiment}: the parameters cell lacks {missing}; run `seglab sync-parameters`")
+    return validate({k: namespace[k] for k in schema.specs}, schema, f"{experiment} parameters cell")
+
+
+def attach(experiment: str, run_dir: str | None = None, profile: str = "interactive",
+           namespace: dict | None = None) -> RunContext:
+    """The notebook's handle on its params and its run folder (the cell after ``parameters`` calls
+    ``attach(NAME, run_dir, profile, globals())``): ``run.params``, ``run.mask``, ``run.training``."""
+    return RunContext(experiment, run_dir, profile, namespace)
