@@ -118,7 +118,7 @@ def check(params: dict, log: Callable = print) -> dict:
             else {i: [] for i in shards}
         c = sharding.check_shards(wanted, tables)
         listed = {t for names in tables.values() for t in names}
-        broken = sorted(t for t in listed & set(wanted) if not sharding.mask_ok(folder / f"{t}.tif"))
+        broken = sorted(t for t in listed & set(wanted) if not predict.mask_complete(folder / f"{t}.tif"))
         record = {**c.__dict__, "ok": c.ok and not broken, "unreadable_masks": broken, "shards": shards,
                   "folder": str(folder), "checked": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         if folder.is_dir():

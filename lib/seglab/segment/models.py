@@ -471,7 +471,7 @@ def _gpu_device(gpu):
     return torch.device("cuda") if gpu else torch.device("cpu")
 
 
-def _wrap_net(net, device, pretrained: str):
+def wrap_net(net, device, pretrained: str):
     """A CellposeModel around ``net`` without cellpose's constructor.
 
     ``CellposeModel.__init__`` sniffs the checkpoint and builds CPSAM (or
@@ -527,7 +527,7 @@ def load(spec: str | os.PathLike, *, gpu: bool | None = None, seed: int = 0) -> 
             net = CPSAM(dtype=torch.float32)
         if device.type == "cuda":
             net.dtype = torch.bfloat16  # the setter casts every weight (the constructor leaves some float32)
-        return Model(spec=s, kind="cellpose", arch="cpsam", cp=_wrap_net(net, device, s), bsize=256)
+        return Model(spec=s, kind="cellpose", arch="cpsam", cp=wrap_net(net, device, s), bsize=256)
     if s == "tiny" or s.startswith("tiny-"):
         preset = TINY_DEFAULT_PRESET if s == "tiny" else s[len("tiny-"):]
         if preset not in TINY_PRESETS:
@@ -536,7 +536,7 @@ def load(spec: str | os.PathLike, *, gpu: bool | None = None, seed: int = 0) -> 
         net = build_tiny_net(TINY_PRESETS[preset], seed=seed)
         meta = {"arch": "tiny_unet", "nbase": list(TINY_PRESETS[preset]), "preset": preset,
                 "diam_mean_px": CELLPOSE_REF_DIAMETER_PX, "seed": seed}
-        return Model(spec=s, kind="cellpose", arch="tiny_unet", cp=_wrap_net(net, _gpu_device(gpu), s),
+        return Model(spec=s, kind="cellpose", arch="tiny_unet", cp=wrap_net(net, _gpu_device(gpu), s),
                      diam_mean_px=CELLPOSE_REF_DIAMETER_PX, default_diameter=DIAMETER_AUTO, meta=meta)
     if s == "generalist":
         if not GENERALIST_PATH.is_file():
@@ -707,7 +707,7 @@ def load_checkpoint(path: str | os.PathLike, *, gpu: bool | None = None) -> Mode
         net.dtype = torch.bfloat16
     diam = float(net.diam_mean.item())
     channels = meta.get("input_channels")
-    return Model(spec=str(p), kind="cellpose", arch=arch, cp=_wrap_net(net, device, str(p)),
+    return Model(spec=str(p), kind="cellpose", arch=arch, cp=wrap_net(net, device, str(p)),
                  diam_mean_px=diam, bsize=bsize, default_diameter=default_diameter, meta=meta,
                  channels=None if channels is None else tuple(int(c) for c in channels))
 

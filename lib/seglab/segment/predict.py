@@ -150,7 +150,7 @@ def shard_slice(items: Sequence, shard) -> list:
 # the predict loop
 # --------------------------------------------------------------------------------------
 
-def _mask_complete(path: Path) -> bool:
+def mask_complete(path: Path) -> bool:
     """A mask file that reads back whole (an interrupted copy or a foreign file does not)."""
     if not path.is_file():
         return False
@@ -227,7 +227,7 @@ def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | 
     for t in tiles:
         mpath = out / f"{t.tile_id}.tif"
         need_out = save_network_outputs and not (out / "outputs" / f"{t.tile_id}.npz").is_file()
-        if _mask_complete(mpath) and not need_out:
+        if mask_complete(mpath) and not need_out:
             old = previous.get(t.tile_id)
             if old is not None and old.get("status") == "done":
                 rows[t.tile_id] = {**old, "shard": f"{i}/{n}"}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from seglab import SeglabError
 from seglab.core import io
+from seglab.segment import predict
 
 CHECK_FILE = "shards_check.json"   # what the merge step of sharded inference found
 
@@ -34,15 +35,8 @@ def shard_of(index: int, n_shards: int) -> int:
     return index % n_shards
 
 
-def mask_ok(path: Path) -> bool:
-    """A mask file that reads back whole: the test ``seglab predict`` uses to skip a finished tile."""
-    from seglab.segment import predict
-    return predict._mask_complete(path)   # one test for both; predict.py's owner to make it public
-
-
 def shard_complete(tiles_dir, out_dir, shard: int, n_shards: int) -> bool:
     """Whether shard ``shard`` of ``n_shards`` finished: its table lists all its tiles and every mask reads back."""
-    from seglab.segment import predict
     try:
         names = predict.list_tiles(tiles_dir)
     except (OSError, SeglabError):
@@ -57,7 +51,7 @@ def shard_complete(tiles_dir, out_dir, shard: int, n_shards: int) -> bool:
         listed = set(pd.read_csv(table, sep="\t", dtype={"tile": str})["tile"])
     except Exception:  # noqa: BLE001  (a truncated table: the shard did not finish)
         return False
-    return set(mine) <= listed and all(mask_ok(out / f"{n}.tif") for n in mine)
+    return set(mine) <= listed and all(predict.mask_complete(out / f"{n}.tif") for n in mine)
 
 
 @dataclass
@@ -109,7 +103,6 @@ def read_shards_check(out_dir) -> dict | None:
 
 def merge_ok(out_dir, n_shards: int) -> bool:
     """A passing shards_check.json for this N, newer than every shard table."""
-    from seglab.segment import predict
     out = Path(out_dir)
     check = read_shards_check(out)
     if check is None:
@@ -127,7 +120,6 @@ def read_shard_tables(out_dir, n_shards: int) -> dict[int, list[str]]:
     Tables of another N (an earlier split) are ignored.
     """
     import pandas as pd
-    from seglab.segment import predict
     out = Path(out_dir)
     result: dict[int, list[str]] = {}
     for i in range(n_shards):
@@ -150,13 +142,12 @@ def merge_shards(tiles_dir, out_dir, n_shards: int, log=print) -> ShardCheck:
     naming the missing, doubled, unknown and unreadable tiles.
     """
     import pandas as pd
-    from seglab.segment import predict
     out = Path(out_dir)
     tiles = predict.list_tiles(tiles_dir)
     tables = read_shard_tables(out, n_shards)
     check = check_shards(tiles, tables)
     listed = {t for names in tables.values() for t in names}
-    broken = sorted(t for t in listed & set(tiles) if not mask_ok(out / f"{t}.tif"))
+    broken = sorted(t for t in listed & set(tiles) if not predict.mask_complete(out / f"{t}.tif"))
     record = {**check.__dict__, "ok": check.ok and not broken, "unreadable_masks": broken,
               "tiles_dir": str(tiles_dir), "out_dir": str(out), "checked": _now()}
     io.write_json(out / CHECK_FILE, record)

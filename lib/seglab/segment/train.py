@@ -408,7 +408,7 @@ def pretrain_generalist(recipe: GeneralistRecipe, *, run_dir: str | Path, out_pa
     net = models.build_tiny_net(models.TINY_PRESETS[recipe.preset], seed=recipe.seed,
                                 diam_mean_px=recipe.diam_mean_px)
     model = models.Model(spec=f"tiny-{recipe.preset}", kind="cellpose", arch="tiny_unet",
-                         cp=models._wrap_net(net, torch.device("cpu"), f"tiny-{recipe.preset}"),
+                         cp=models.wrap_net(net, torch.device("cpu"), f"tiny-{recipe.preset}"),
                          diam_mean_px=recipe.diam_mean_px, default_diameter="auto")
     params = TrainSettings(epochs=recipe.epochs, learning_rate=recipe.learning_rate,
                          weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, bsize=recipe.bsize,
