@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo      run every notebook of the demo profile, then print reports/index.html"
-	@echo "make test      run the test suite (pytest)"
+	@echo "make test      run the test suite (pytest; the smoke profile of every notebook, not the demo chain)"
+	@echo "make test-slow run the slow tests: the whole demo chain and README's numbers (about 15 min)"
 	@echo "make lab       JupyterLab on 127.0.0.1:$(PORT) (token printed)"
 	@echo "make bench     run the benchmarks in bench/ (ratios against references)"
 	@echo "make report    rebuild reports/index.html from the run manifests"
@@ -33,7 +34,7 @@ demo: $(STAMP)
 	@echo "Status page: $(CURDIR)/reports/index.html"
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
