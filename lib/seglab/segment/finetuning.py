@@ -113,7 +113,6 @@ def model_record(path: Path) -> dict:
     return {"path": str(path), "sha256": io.sha256_file(path), **{k: side.get(k) for k in keep if k in side}}
 
 
-
 def _finetune_logged(log, **kwargs) -> tuple[Path, bool, float]:
     """finetune, plus whether it reused a cached model and how long it took (s)."""
     said: list[str] = []
@@ -131,7 +130,7 @@ def _finetune_logged(log, **kwargs) -> tuple[Path, bool, float]:
 def cached_model(base: str, cohort_dir: str, variant: str = "generic", *, training: TrainSettings,
                  markers: Sequence[str] | None = None, budget: int | None = None, budget_seed: int = 0,
                  cache_dir: str = MODEL_CACHE, validate: bool = True) -> Path | None:
-    """The finished checkpoint :func:`seglab.segment.finetune` would reuse for these arguments, or None,
+    """The finished checkpoint :func:`finetune` would reuse for these arguments, or None,
     without training anything, so that a batch of fine-tunes can skip starting worker
     processes when every model is cached. (``validate`` is accepted and ignored: it is not part
     of the cache key.)"""
@@ -147,7 +146,7 @@ def _worker_finetune(job: dict) -> tuple[str, bool, float]:
 
 def finetune_many(jobs: Sequence[dict], *, n_jobs: int = 1, threads_per_job: int | None = 1,
                   log: Callable | None = print) -> list[dict]:
-    """Run :func:`seglab.segment.finetune` for each job (a dict of its keyword arguments), ``n_jobs`` at a time.
+    """Run :func:`finetune` for each job (a dict of its keyword arguments), ``n_jobs`` at a time.
 
     Cached models are picked up first, in this process. The rest train in
     ``n_jobs`` worker processes (spawned; each with ``threads_per_job`` torch
@@ -171,7 +170,7 @@ def finetune_many(jobs: Sequence[dict], *, n_jobs: int = 1, threads_per_job: int
         if found is not None:
             results[i] = {"path": found, "cached": True, "fit_s": 0.0}
             if log is not None:
-                log(f"[study] {job.get('variant', 'generic')}: reusing {paths.relative(found.parent)}")
+                log(f"[finetuning] {job.get('variant', 'generic')}: reusing {paths.relative(found.parent)}")
         else:
             todo.append(i)
     if int(n_jobs) == 1 or len(todo) <= 1:
@@ -180,7 +179,7 @@ def finetune_many(jobs: Sequence[dict], *, n_jobs: int = 1, threads_per_job: int
             results[i] = {"path": path, "cached": cached, "fit_s": fit_s}
         return results
     if log is not None:
-        log(f"[efficiency] fine-tuning {len(todo)} models, {min(int(n_jobs), len(todo))} at a time")
+        log(f"[finetuning] fine-tuning {len(todo)} models, {min(int(n_jobs), len(todo))} at a time")
     with workers.worker_pool(min(int(n_jobs), len(todo)), threads_per_job) as pool:
         futures = {pool.submit(_worker_finetune, dict(jobs[i])): i for i in todo}
         for f in as_completed(futures):
@@ -190,7 +189,7 @@ def finetune_many(jobs: Sequence[dict], *, n_jobs: int = 1, threads_per_job: int
             if log is not None:
                 job = jobs[i]
                 what = ", ".join(f"{k} {job[k]}" for k in ("markers", "budget", "budget_seed") if job.get(k) is not None)
-                log(f"[efficiency] {job.get('variant', 'generic')} ({what}) trained in {fit_s} s -> {paths.relative(Path(path).parent)}")
+                log(f"[finetuning] {job.get('variant', 'generic')} ({what}) trained in {fit_s} s -> {paths.relative(Path(path).parent)}")
     return results
 
 
@@ -201,7 +200,7 @@ def trained_on(path: Path) -> tuple[list[str], list[str]]:
 
 
 def reference_job(base: str, cohort_dir: str, *, training: TrainSettings, cache_dir: str = MODEL_CACHE) -> dict:
-    """The :func:`seglab.segment.finetune` arguments of the full-data generic model, the reference of
+    """The :func:`finetune` arguments of the full-data generic model, the reference of
     E2 and E6 (the same cache entry as E1's generic model and E5's fine-tuned one)."""
     return dict(base=base, cohort_dir=cohort_dir, variant="generic", training=training, cache_dir=cache_dir)
 
@@ -209,8 +208,8 @@ def reference_job(base: str, cohort_dir: str, *, training: TrainSettings, cache_
 def sidecar_val_scores(path: Path, n_expected: int | None = None) -> dict:
     """The validation AP@0.5 that ``seglab.segment.train.fit`` computed at the end of training (its sidecar).
 
-    fit scores the final weights on the run's validation tiles with the model's
-    default settings (``TRAIN_VAL_SETTINGS``); reading it back saves a second
+    fit scores the final weights on the run's validation tiles with the default mask settings at
+    IoU 0.5 (``seglab.experiments.e2_label_efficiency.TRAIN_VALIDATION_MASK``); reading it back saves a second
     pass over the validation tiles. Only ``ap_pooled``, ``ap_mean`` and
     ``n_images`` are known (and the counts ``tp``/``fp``/``fn`` where stored); the rest is NaN.
     """
