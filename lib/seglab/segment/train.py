@@ -148,11 +148,38 @@ def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.n
     """
     import torch
 
-    from cellpose import train as cp_train
-    from torch.optim.optimizer import register_optimizer_step_pre_hook
-
     if model.kind != "cellpose":
         raise SeglabError(f"model '{model.spec}' has no network to train; use tiny, generalist, cpsam or a checkpoint")
+    xs, ys, ids, dropped = _training_set(images, labels, ids, params)
+    rescale = params.rescale if params.rescale is not None else model.arch == "tiny_unet"
+    run_dir = Path(run_dir)
+    (run_dir / "checkpoint").mkdir(parents=True, exist_ok=True)
+    # Reproducible on the CPU: seeded numpy and torch, deterministic kernels.
+    np.random.seed(params.seed)
+    torch.manual_seed(params.seed)
+    flows = _flows(ys, model.device)
+    val_x = [models.Model.as_network_input(x, name="validation image") for x in (val_images or [])]
+    run = _ChunkedRun(model=model, params=params, run_dir=run_dir, xs=xs, flows=flows, val_x=val_x,
+                      val_flows=_flows(list(val_labels), model.device) if val_x else None, rescale=bool(rescale),
+                      tiles_sha256=tiles_hash(ids, xs, ys))
+    run.resume()
+    target = run.n_epochs if stop_after_epochs is None else min(run.n_epochs, int(stop_after_epochs))
+    run.train_until(target, progress)
+    if target < run.n_epochs:
+        return run.state_path
+    sidecar = _final_sidecar(model, meta, params, run, ids, dropped)
+    if val_x and val_labels is not None and final_validation:
+        # validation AP@0.5 of the final weights, at the model's default rescaling
+        v = evaluate_ap50(model, val_x, list(val_labels))
+        sidecar["metrics"].update({"val_ap50_mean": v["ap50_mean"], "val_ap50_pooled": v["ap50_pooled"],
+                                   "val_n_images": v["n_images"]})
+    return models.save_checkpoint(model.net, run_dir / "model.pt", sidecar)
+
+
+def _training_set(images, labels, ids, params: TrainSettings):
+    """Checked network inputs (3, Y, X) float32 and masks, with the sparse tiles dropped (loudly).
+
+    Returns (xs, ys, ids, dropped ids)."""
     if len(images) != len(labels):
         raise SeglabError(f"fit: {len(images)} images but {len(labels)} label images")
     if not len(images):
@@ -162,142 +189,174 @@ def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.n
     for x, y, t in zip(xs, labels, ids):
         if np.asarray(y).shape != x.shape[1:]:
             raise SeglabError(f"training tile {t}: mask shape {np.asarray(y).shape} differs from image {x.shape[1:]}")
-    xs, ys, ids, dropped = drop_sparse(xs, list(labels), ids, int(params.min_train_masks))
-    rescale = params.rescale if params.rescale is not None else model.arch == "tiny_unet"
+    return drop_sparse(xs, list(labels), ids, int(params.min_train_masks))
 
-    run_dir = Path(run_dir)
-    ck_dir = run_dir / "checkpoint"
-    ck_dir.mkdir(parents=True, exist_ok=True)
-    state_path = ck_dir / "state.pt"
-    net = model.net
-    device = model.device
-    # Reproducible on the CPU: seeded numpy and torch, deterministic kernels.
-    np.random.seed(params.seed)
-    torch.manual_seed(params.seed)
 
-    flows = _flows(ys, device)
-    val_x = [models.Model.as_network_input(x, name="validation image") for x in (val_images or [])]
-    val_f = _flows(list(val_labels), device) if val_x else None
-    n_epochs = int(params.epochs)
-    LR = lr_schedule(params.learning_rate, n_epochs)
-    nimg = len(xs)
-    nper = int(params.nimg_per_epoch or nimg)
-    steps_per_epoch = math.ceil(nper / int(params.batch_size))
-    hash_tiles = tiles_hash(ids, xs, ys)
-    hash_params = io.sha256_text(repr(sorted({**asdict(params), "rescale": bool(rescale),
-                                              "base": model.spec}.items())))
+class _LearningRateHook:
+    """An optimizer pre-step hook that carries AdamW's state across chunks and sets each step's rate.
 
-    losses = pd.DataFrame({"epoch": np.arange(n_epochs), "lr": LR, "train_loss": np.nan, "val_loss": np.nan})
-    done, optim_state = 0, None
-    if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("format") != STATE_FORMAT or state.get("tiles_sha256") != hash_tiles \
-                or state.get("params_sha256") != hash_params:
-            raise SeglabError(f"{state_path}: belongs to a different training run (other tiles or params); "
-                              "use a new run folder or delete the checkpoint folder to start over")
-        net.load_state_dict(state["net"])
-        optim_state = state["optim"]
-        done = int(state["epoch"])
-        losses[["train_loss", "val_loss"]] = state["losses"].numpy()
-        log.info("resuming %s at epoch %d of %d", run_dir, done, n_epochs)
+    ``train_seg`` builds a fresh optimizer per call (per chunk of epochs); the hook restores the
+    previous chunk's moments into it at its first step and sets the learning rate of the epoch
+    the step belongs to, so chunked training follows one uninterrupted schedule.
+    """
 
-    target = n_epochs if stop_after_epochs is None else min(n_epochs, int(stop_after_epochs))
-    ctx = {"opt": None, "step": 0, "e0": 0, "optim_state": None}
-    params_set = {id(p) for p in net.parameters()}
+    def __init__(self, net, lr_per_epoch: np.ndarray, steps_per_epoch: int):
+        self.own = {id(p) for p in net.parameters()}
+        self.lr_per_epoch, self.steps_per_epoch = lr_per_epoch, steps_per_epoch
+        self.start(0, None)
 
-    def pre_step(optimizer, args, kwargs):
-        if not params_set.issuperset(id(p) for g in optimizer.param_groups for p in g["params"]):
+    def start(self, first_epoch: int, optim_state: dict | None) -> None:
+        self.opt, self.step, self.first_epoch, self.optim_state = None, 0, first_epoch, optim_state
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        if not self.own.issuperset(id(p) for g in optimizer.param_groups for p in g["params"]):
             return  # someone else's optimizer
-        if ctx["opt"] is not optimizer:
-            ctx["opt"] = optimizer
-            if ctx["optim_state"] is not None:
+        if self.opt is not optimizer:
+            self.opt = optimizer
+            if self.optim_state is not None:
                 # restore AdamW moments and step counts from the previous chunk;
                 # the rate is overwritten just below
-                optimizer.load_state_dict(copy.deepcopy(ctx["optim_state"]))
-        epoch = ctx["e0"] + ctx["step"] // steps_per_epoch
+                optimizer.load_state_dict(copy.deepcopy(self.optim_state))
+        epoch = self.first_epoch + self.step // self.steps_per_epoch
         for g in optimizer.param_groups:
-            g["lr"] = float(LR[min(epoch, n_epochs - 1)])
-        ctx["step"] += 1
+            g["lr"] = float(self.lr_per_epoch[min(epoch, len(self.lr_per_epoch) - 1)])
+        self.step += 1
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=target, initial=done, desc="train (epochs)", unit="ep", file=sys.stderr)
-    handle = register_optimizer_step_pre_hook(pre_step)
-    old_level = logging.getLogger("cellpose").level
-    try:
-        logging.getLogger("cellpose").setLevel(logging.WARNING)
-        with tempfile.TemporaryDirectory(prefix="seglab-train-") as tmp, warnings.catch_warnings():
-            # train_seg wraps float32 CPU steps in autocast, which warns and does nothing
-            warnings.filterwarnings("ignore", message="In CPU autocast")
-            e0 = done
-            while e0 < target:
-                e1 = min(n_epochs, (e0 // params.checkpoint_every + 1) * params.checkpoint_every)
-                chunk = e0 // params.checkpoint_every
-                order = np.random.default_rng([params.seed, chunk]).permutation(nimg)
-                ctx.update(opt=None, step=0, e0=e0, optim_state=optim_state)
-                net.train()
-                _, tr, te = cp_train.train_seg(
-                    # copies: cellpose normalises float32 images in place, and a second
-                    # chunk must not see the first chunk's normalised pixels
-                    net, train_data=[xs[i].copy() for i in order], train_labels=[flows[i] for i in order],
-                    test_data=[v.copy() for v in val_x] or None, test_labels=val_f, channel_axis=0, load_files=False,
-                    batch_size=int(params.batch_size), learning_rate=float(params.learning_rate),  # the hook sets each step's rate
-                    weight_decay=float(params.weight_decay), n_epochs=e1 - e0,
-                    normalize=bool(params.normalize), save_path=tmp, save_every=10**9,
-                    nimg_per_epoch=nper, rescale=bool(rescale), scale_range=float(params.scale_range),
-                    bsize=int(params.bsize), min_train_masks=0, model_name="chunk")
-                if ctx["opt"] is None:
-                    raise SeglabError("training did not take a single optimizer step; check batch_size and the data")
-                optim_state = copy.deepcopy(ctx["opt"].state_dict())
-                losses.loc[e0:e1 - 1, "train_loss"] = np.asarray(tr, float)
-                te = np.asarray(te, float)
-                if val_x:
-                    for j in range(e1 - e0):
-                        if j == 5 or j % 10 == 0:
-                            losses.loc[e0 + j, "val_loss"] = te[j]
-                e0 = e1
-                state = {"format": STATE_FORMAT, "epoch": e0, "n_epochs": n_epochs, "tiles_sha256": hash_tiles,
-                         "params_sha256": hash_params,
-                         "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                         "optim": optim_state,
-                         "losses": torch.tensor(losses[["train_loss", "val_loss"]].to_numpy())}
-                with io.atomic_path(state_path) as tmp_state:
-                    torch.save(state, tmp_state)
-                io.write_table(run_dir / "losses.tsv", losses.iloc[:e0])
-                if bar is not None:
-                    bar.update(e1 - bar.n)
-                    bar.set_postfix(loss=f"{losses.loc[e1 - 1, 'train_loss']:.3f}")
-    finally:
-        handle.remove()
-        logging.getLogger("cellpose").setLevel(old_level)
-        if bar is not None:
-            bar.close()
-        net.eval()
-    if target < n_epochs:
-        return state_path
+@dataclass
+class _ChunkedRun:
+    """One fine-tune, trained in chunks of ``checkpoint_every`` epochs with a resume state after each."""
+
+    model: models.Model
+    params: TrainSettings
+    run_dir: Path
+    xs: list
+    flows: list
+    val_x: list
+    val_flows: list | None
+    rescale: bool
+    tiles_sha256: str
+    done: int = 0
+    optim_state: dict | None = None
+
+    def __post_init__(self):
+        self.n_epochs = int(self.params.epochs)
+        self.lr = lr_schedule(self.params.learning_rate, self.n_epochs)
+        self.nper = int(self.params.nimg_per_epoch or len(self.xs))
+        self.state_path = self.run_dir / "checkpoint" / "state.pt"
+        self.params_sha256 = io.sha256_text(repr(sorted({**asdict(self.params), "rescale": self.rescale,
+                                                         "base": self.model.spec}.items())))
+        self.losses = pd.DataFrame({"epoch": np.arange(self.n_epochs), "lr": self.lr, "train_loss": np.nan,
+                                    "val_loss": np.nan})
+
+    def resume(self) -> None:
+        """Load the resume state when there is one (refusing a state of another run)."""
+        import torch
+
+        if not self.state_path.is_file():
+            return
+        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        if state.get("format") != STATE_FORMAT or state.get("tiles_sha256") != self.tiles_sha256 \
+                or state.get("params_sha256") != self.params_sha256:
+            raise SeglabError(f"{self.state_path}: belongs to a different training run (other tiles or params); "
+                              "use a new run folder or delete the checkpoint folder to start over")
+        self.model.net.load_state_dict(state["net"])
+        self.optim_state = state["optim"]
+        self.done = int(state["epoch"])
+        self.losses[["train_loss", "val_loss"]] = state["losses"].numpy()
+        log.info("resuming %s at epoch %d of %d", self.run_dir, self.done, self.n_epochs)
+
+    def train_until(self, target: int, progress: bool) -> None:
+        """Train chunk after chunk until ``target`` epochs are done, saving the state after each."""
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        hook = _LearningRateHook(self.model.net, self.lr, math.ceil(self.nper / int(self.params.batch_size)))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=target, initial=self.done, desc="train (epochs)", unit="ep", file=sys.stderr)
+        handle = register_optimizer_step_pre_hook(hook)
+        old_level = logging.getLogger("cellpose").level
+        try:
+            logging.getLogger("cellpose").setLevel(logging.WARNING)
+            with tempfile.TemporaryDirectory(prefix="seglab-train-") as tmp, warnings.catch_warnings():
+                # train_seg wraps float32 CPU steps in autocast, which warns and does nothing
+                warnings.filterwarnings("ignore", message="In CPU autocast")
+                while self.done < target:
+                    e1 = self._train_chunk(hook, tmp)
+                    if bar is not None:
+                        bar.update(e1 - bar.n)
+                        bar.set_postfix(loss=f"{self.losses.loc[e1 - 1, 'train_loss']:.3f}")
+        finally:
+            handle.remove()
+            logging.getLogger("cellpose").setLevel(old_level)
+            if bar is not None:
+                bar.close()
+            self.model.net.eval()
+
+    def _train_chunk(self, hook: _LearningRateHook, tmp: str) -> int:
+        """One ``train_seg`` call over the epochs up to the next checkpoint; returns the epochs done."""
+        from cellpose import train as cp_train
+
+        p, net, e0 = self.params, self.model.net, self.done
+        e1 = min(self.n_epochs, (e0 // p.checkpoint_every + 1) * p.checkpoint_every)
+        order = np.random.default_rng([p.seed, e0 // p.checkpoint_every]).permutation(len(self.xs))
+        hook.start(e0, self.optim_state)
+        net.train()
+        _, tr, te = cp_train.train_seg(
+            # copies: cellpose normalises float32 images in place, and a second
+            # chunk must not see the first chunk's normalised pixels
+            net, train_data=[self.xs[i].copy() for i in order], train_labels=[self.flows[i] for i in order],
+            test_data=[v.copy() for v in self.val_x] or None, test_labels=self.val_flows, channel_axis=0,
+            load_files=False, batch_size=int(p.batch_size), learning_rate=float(p.learning_rate),  # the hook sets each step's rate
+            weight_decay=float(p.weight_decay), n_epochs=e1 - e0, normalize=bool(p.normalize), save_path=tmp,
+            save_every=10**9, nimg_per_epoch=self.nper, rescale=self.rescale, scale_range=float(p.scale_range),
+            bsize=int(p.bsize), min_train_masks=0, model_name="chunk")
+        if hook.opt is None:
+            raise SeglabError("training did not take a single optimizer step; check batch_size and the data")
+        self.optim_state = copy.deepcopy(hook.opt.state_dict())
+        self.losses.loc[e0:e1 - 1, "train_loss"] = np.asarray(tr, float)
+        te = np.asarray(te, float)
+        if self.val_x:
+            for j in range(e1 - e0):
+                if j == 5 or j % 10 == 0:
+                    self.losses.loc[e0 + j, "val_loss"] = te[j]
+        self.done = e1
+        self._save_state()
+        return e1
+
+    def _save_state(self) -> None:
+        import torch
+
+        state = {"format": STATE_FORMAT, "epoch": self.done, "n_epochs": self.n_epochs,
+                 "tiles_sha256": self.tiles_sha256, "params_sha256": self.params_sha256,
+                 "net": {k: v.detach().cpu() for k, v in self.model.net.state_dict().items()},
+                 "optim": self.optim_state,
+                 "losses": torch.tensor(self.losses[["train_loss", "val_loss"]].to_numpy())}
+        with io.atomic_path(self.state_path) as tmp_state:
+            torch.save(state, tmp_state)
+        io.write_table(self.run_dir / "losses.tsv", self.losses.iloc[:self.done])
+
+
+def _final_sidecar(model: models.Model, meta: dict | None, params: TrainSettings, run: _ChunkedRun,
+                   ids: list, dropped: list) -> dict:
+    """The checkpoint's sidecar: what was trained from what, on which tiles, and the losses."""
     sidecar = dict(meta or {})
     sidecar.update({
         "base_spec": sidecar.get("base_spec", model.spec),
         "base_sha256": model.meta.get("weights_sha256"),
-        "params": {**asdict(params), "rescale": bool(rescale)},
+        "params": {**asdict(params), "rescale": run.rescale},
         "train_tiles": ids,
         "n_train_tiles": len(ids),
         "dropped_tiles": dropped,
-        "train_tiles_sha256": hash_tiles,
-        "losses": {"train": [float(v) for v in losses["train_loss"]],
-                   "val": [None if np.isnan(v) else float(v) for v in losses["val_loss"]]},
+        "train_tiles_sha256": run.tiles_sha256,
+        "losses": {"train": [float(v) for v in run.losses["train_loss"]],
+                   "val": [None if np.isnan(v) else float(v) for v in run.losses["val_loss"]]},
         "eval_bsize": model.bsize,
     })
-    metrics = dict(sidecar.get("metrics") or {})
-    if val_x and val_labels is not None and final_validation:
-        # validation AP@0.5 of the final weights, at the model's default rescaling
-        v = evaluate_ap50(model, val_x, list(val_labels))
-        metrics.update({"val_ap50_mean": v["ap50_mean"], "val_ap50_pooled": v["ap50_pooled"],
-                        "val_n_images": v["n_images"]})
-    sidecar["metrics"] = metrics
-    return models.save_checkpoint(net, run_dir / "model.pt", sidecar)
+    sidecar["metrics"] = dict(sidecar.get("metrics") or {})
+    return sidecar
 
 
 def load_state_weights(state_path: str | Path) -> dict:
