@@ -1,4 +1,10 @@
-"""TODO docstring"""
+"""The annotated tiles of one split in memory (images, true masks, manifest rows), and subsets of them.
+
+Every evaluation, sweep and network pass of notebooks 01-06 takes a :class:`SplitSet`:
+:func:`annotated_split` loads one split of a manifest; :func:`subset`, :func:`split_subset`
+and :func:`take` pick tiles of it without reading the disk again; :func:`zero_dapi` gives the
+marker-only model's input.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,6 @@ import pandas as pd
 
 from seglab import SeglabError
 from seglab.data import manifest as data
-from seglab.data import splitset
 
 
 @dataclass
@@ -120,12 +125,12 @@ def subset(split: SplitSet, *, markers: Sequence[str] | None = None, n: int | No
                     images=[split.images[i] for i in idx], masks=[split.masks[i] for i in idx])
 
 
-def split_subset(split: splitset.SplitSet, markers: Sequence[str]) -> splitset.SplitSet:
+def split_subset(split: SplitSet, markers: Sequence[str]) -> SplitSet:
     """The tiles of ``split`` whose marker is in ``markers`` (no reloading from disk)."""
     markers = [str(m) for m in markers]
     keep = [i for i, m in enumerate(split.rows["marker"]) if str(m) in markers]
     if not keep:
         raise SeglabError(f"split '{split.split}' has no tiles of marker(s) {markers} "
                           f"(markers there: {sorted(split.rows['marker'].unique())})")
-    return splitset.SplitSet(split=split.split, rows=split.rows.iloc[keep].reset_index(drop=True),
-                          images=[split.images[i] for i in keep], masks=[split.masks[i] for i in keep])
+    return SplitSet(split=split.split, rows=split.rows.iloc[keep].reset_index(drop=True),
+                    images=[split.images[i] for i in keep], masks=[split.masks[i] for i in keep])
