@@ -83,3 +83,14 @@ def test_sweep_counts_false_positives_removed():
     assert table["fp"].tolist() == [2, 0, 1]
     assert table["tp"].tolist() == [3, 3, 3]
     assert table["precision"].tolist() == pytest.approx([0.6, 1.0, 0.75])
+
+
+def test_gate_from_row_keeps_the_area_in_its_unit():
+    from seglab.segment.postprocess import area_column, gate_from_row
+
+    row = {"q_low": 0.05, "q_high": 0.98, "min_area_px": 30.0, "min_area_um2": 7.5, "f1": 0.9}
+    assert gate_from_row(row, "px") == Gate(q_low=0.05, q_high=0.98, min_area_px=30.0)
+    assert gate_from_row(row, "um2") == Gate(q_low=0.05, q_high=0.98, min_area_px=0.0, min_area_um2=7.5)
+    assert area_column("um2") == "min_area_um2"
+    with pytest.raises(SeglabError, match="area_unit"):
+        gate_from_row(row, "mm2")

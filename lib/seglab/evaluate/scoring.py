@@ -1,4 +1,15 @@
-"""TODO docstring"""
+"""Scores of predicted masks against the truth, and the tables the experiments compare models with.
+
+- :func:`evaluate_masks` / :func:`evaluate_model`: a split's predictions scored per tile, pooled,
+  averaged over tiles and per marker / donor (:func:`seglab.evaluate.metrics.evaluate`);
+- :func:`compare_models`, :func:`per_group_table`, :func:`per_image_long`: several models'
+  evaluations side by side (E1);
+- :func:`pooled_counts`: TP, FP, FN summed over tiles at one IoU, then the ratios (sweeps, E3);
+- :func:`scores_from_per_image`, :func:`curve_summary`, :func:`plateau_budget`, :func:`gap_table`:
+  E2's and E6's tables; :func:`pick_examples`, :func:`outcome_labels`: tiles and objects to draw.
+
+AP is ``TP / (TP + FP + FN)`` (cellpose's), a fraction; IoU thresholds are fractions.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +22,7 @@ import pandas as pd
 from seglab import SeglabError
 from seglab.config.settings import MaskSettings
 from seglab.data import splitset
-from seglab.evaluate import metrics, scoring
+from seglab.evaluate import metrics
 from seglab.segment import models, output_cache
 
 
@@ -255,5 +266,5 @@ def evaluate_model(model, split: splitset.SplitSet, mask: MaskSettings, *, iou: 
     segment = output_cache.segment_cached if cached else output_cache.segment_split
     extra = {"log": lambda *a: None} if cached else {}
     masks, _ = segment(model, split, mask, **extra)
-    ev = scoring.evaluate_masks(split, masks, thresholds=(iou,))
-    return scoring.scores_from_per_image(ev.per_image, iou), ev.per_image, masks
+    ev = evaluate_masks(split, masks, thresholds=(iou,))
+    return scores_from_per_image(ev.per_image, iou), ev.per_image, masks

@@ -160,12 +160,13 @@ OUTCOME_COLOURS = {"tp": (0.2, 0.9, 0.2), "fp": (1.0, 0.2, 0.8), "fn": (1.0, 0.8
 
 def plot_model_bars(per_image: pd.DataFrame, metrics: Sequence[str] = ("ap", "precision", "recall", "f1"),
                     threshold: float = 0.5, *, model_order: Sequence[str] | None = None, ax=None,
-                    figsize=(8, 3.8), seed: int = 0):
+                    figsize=(8, 3.8), seed: int = 0, title: str | None = None):
     """Grouped bars: one group per metric, one bar per model (mean over images), SD error bars and
     each image as a dot (the spread over images).
 
     ``per_image``: per-image rows of several models with a ``model`` column
     (``seglab.evaluate.scoring.per_image_long``). Images where both masks are empty are left out.
+    ``title``: the axes' title.
     """
     check_columns(per_image, ["model", "threshold", *metrics], "plot_model_bars", source=SOURCE)
     sub = per_image[np.isclose(per_image["threshold"].to_numpy(float), threshold)]
@@ -192,14 +193,16 @@ def plot_model_bars(per_image: pd.DataFrame, metrics: Sequence[str] = ("ap", "pr
     ax.grid(axis="y", alpha=0.3)
     ax.legend(frameon=False, fontsize="small", ncols=min(4, len(models)), loc="upper center",
               bbox_to_anchor=(0.5, -0.08))
+    if title:
+        ax.set_title(title, fontsize="medium")
     return fig
 
 
 def plot_group_model_bars(table: pd.DataFrame, group: str = "marker", metric: str = "ap", *,
                           threshold: float = 0.5, model_order: Sequence[str] | None = None, ax=None,
-                          figsize=(8, 3.5)):
+                          figsize=(8, 3.5), title: str | None = None):
     """Bars per group value (e.g. marker) and model of a per-group table (``seglab.evaluate.scoring.per_group_table``),
-    with the SD over images as error bars when the table has ``<metric>_sd``."""
+    with the SD over images as error bars when the table has ``<metric>_sd``; ``title``: the axes' title."""
     check_columns(table, ["model", group, metric], "plot_group_model_bars", source=SOURCE)
     sub = table
     if "threshold" in table.columns:
@@ -223,6 +226,8 @@ def plot_group_model_bars(table: pd.DataFrame, group: str = "marker", metric: st
     ax.set_ylim(0, 1.05)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(frameon=False, fontsize="small", ncols=min(4, len(models)))
+    if title:
+        ax.set_title(title, fontsize="medium")
     return fig
 
 
@@ -352,4 +357,149 @@ def plot_sensitivity(table: pd.DataFrame, metrics: Sequence[str] = ("ap", "count
                 ax.set_ylabel(m)
     if hue:
         axes[0, 0].legend(frameon=False, fontsize="x-small")
+    return fig
+
+
+# --------------------------------------------------------------------------- E1: fine-tuning and thresholds
+
+
+def short_model_name(name: str, prefix: str = "ft ") -> str:
+    """``finetuned_generic`` -> ``ft generic``: model names short enough for panel titles and ticks."""
+    return str(name).replace("finetuned_", prefix)
+
+
+def plot_training_loss(losses: pd.DataFrame, *, figsize=(5, 3), title: str = "fine-tuning loss"):
+    """Training loss against epoch, one line per column of ``losses`` (a fine-tuned model; rows are
+    epochs, as ``seglab.experiments.e1_baseline_vs_finetune.FineTunes.losses``)."""
+    if losses.empty:
+        raise SeglabError("plot_training_loss: no losses (no fine-tuned model, or none recorded its losses)")
+    fig, ax = _figure_and_axes(None, figsize)
+    for name in losses.columns:
+        ax.plot(losses.index.to_numpy(), losses[name].to_numpy(float), marker="o", ms=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize="small")
+    return fig
+
+
+def plot_ap_by_iou(comparison: pd.DataFrame, thresholds: Sequence[float], *, panel_in=(4.2, 3.2)):
+    """One panel per IoU threshold, one bar per model: the pooled AP of a comparison table
+    (``seglab.evaluate.scoring.compare_models`` rows at several thresholds, column ``threshold``)."""
+    check_columns(comparison, ["model", "threshold", "ap"], "plot_ap_by_iou",
+                  source="seglab.evaluate.scoring.compare_models")
+    thresholds = list(thresholds)
+    fig = new_figure((panel_in[0] * len(thresholds), panel_in[1]))
+    axes = fig.subplots(1, len(thresholds), sharey=True, squeeze=False)[0]
+    for ax, th in zip(axes, thresholds):
+        sub = comparison[np.isclose(comparison["threshold"], th)]
+        ax.bar(range(len(sub)), sub["ap"], color=[f"C{i}" for i in range(len(sub))])
+        ax.set_xticks(range(len(sub)), [short_model_name(m, "ft_") for m in sub["model"]], rotation=60, ha="right",
+                      fontsize=7)
+        ax.set_title(f"pooled AP at IoU {th:g}")
+        ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def plot_sweep_heatmaps(sweeps: dict, selected: dict, value: str = "f1", *, row: str = "flow_threshold",
+                        col: str = "cellprob_threshold", label: str = "val F1", cmap: str = "viridis",
+                        panel_in=(4.0, 3.0)):
+    """One heatmap of ``value`` over ``row`` x ``col`` per model, the selected setting outlined.
+
+    ``sweeps``: {model: sweep table (``seglab.evaluate.sweeps.threshold_sweep``)}; ``selected``:
+    {model: the selected row (``sweeps.select_best``)}; ``label`` ends each panel's title.
+    """
+    if not sweeps:
+        raise SeglabError("plot_sweep_heatmaps: no sweeps")
+    fig = new_figure((panel_in[0] * len(sweeps), panel_in[1]))
+    axes = fig.subplots(1, len(sweeps), squeeze=False)[0]
+    for ax, (name, table) in zip(axes, sweeps.items()):
+        plot_heatmap(table, row, col, value, ax=ax, best=selected[name], cmap=cmap,
+                     title=f"{short_model_name(name)}: {label}")
+    return fig
+
+
+# --------------------------------------------------------------------------- E3: gates
+
+
+def plot_gate_instances(decisions: dict, channel: int, *, panel_in=(5, 3.6)):
+    """Per model, every predicted instance's mean intensity in ``channel`` against its area (px),
+    log-log, true positives green and false positives red.
+
+    ``decisions``: {model: ``seglab.segment.postprocess.gate_split`` decisions (columns area_px,
+    mean_intensity, matched)}.
+    """
+    from matplotlib.ticker import NullFormatter
+
+    if not decisions:
+        raise SeglabError("plot_gate_instances: no decisions")
+    fig = new_figure((panel_in[0] * len(decisions), panel_in[1]))
+    axes = fig.subplots(1, len(decisions), squeeze=False)[0]
+    for ax, (name, dec) in zip(axes, decisions.items()):
+        check_columns(dec, ["area_px", "mean_intensity", "matched"], "plot_gate_instances",
+                      source="seglab.segment.postprocess.gate_split")
+        for matched, colour, outcome in ((True, "tab:green", "TP"), (False, "tab:red", "FP")):
+            d = dec[dec["matched"] == matched]
+            ax.scatter(d["area_px"], d["mean_intensity"], s=6, alpha=0.5, color=colour, label=f"{outcome} ({len(d)})",
+                       lw=0)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("instance area (px)")
+        ax.set_ylabel(f"mean intensity, channel {channel}")
+        ax.set_title(f"{name}: validation instances")
+        ax.legend(frameon=False, fontsize="small")
+    return fig
+
+
+def plot_gate_grid(sweeps: dict, selected: dict, area_column: str, *, panel_in=(4.2, 3.2)):
+    """Per model two panels: validation F1 over q_low x q_high at the selected minimum area
+    (selected gate outlined), and precision, recall, F1 against the minimum area at the selected
+    quantiles. ``sweeps``: {model: ``seglab.segment.postprocess.sweep_gates`` table}; ``selected``:
+    {model: its selected row}; ``area_column``: ``min_area_px`` or ``min_area_um2``."""
+    if not sweeps:
+        raise SeglabError("plot_gate_grid: no sweeps")
+    fig = new_figure((panel_in[0] * 2 * len(sweeps), panel_in[1]))
+    axes = fig.subplots(1, 2 * len(sweeps), squeeze=False)[0]
+    for k, (name, table) in enumerate(sweeps.items()):
+        best = selected[name]
+        at_area = table[np.isclose(table[area_column], best[area_column])]
+        plot_heatmap(at_area, "q_low", "q_high", "f1", ax=axes[2 * k], best=best,
+                     title=f"{name}: val F1 ({area_column} = {best[area_column]:g})")
+        at_q = table[np.isclose(table["q_low"], best["q_low"]) & np.isclose(table["q_high"], best["q_high"])]
+        ax = axes[2 * k + 1]
+        for metric in ("precision", "recall", "f1"):
+            ax.plot(at_q[area_column], at_q[metric], marker="o", label=metric)
+        ax.set_xlabel(area_column)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False, fontsize="small")
+        ax.set_title(f"{name}: val, q = [{best['q_low']:g}, {best['q_high']:g}]")
+    return fig
+
+
+GATE_PANEL_TITLES = {"fp": "false positives (test, IoU 0.5)", "precision": "precision", "ap": "AP@0.5"}
+
+
+def plot_gate_before_after(before_after: pd.DataFrame, metrics: Sequence[str] = ("fp", "precision", "ap"), *,
+                           figsize=(12, 3.3)):
+    """One panel per metric, per model a bar without a gate (grey) and one with the
+    validation-selected gate (blue). ``before_after``: rows with model, gate ('none' or
+    'val_selected') and the metrics (``seglab.experiments.e3_gating.GateTest.before_after``)."""
+    check_columns(before_after, ["model", "gate", *metrics], "plot_gate_before_after",
+                  source="seglab.experiments.e3_gating.test_before_after")
+    names = list(dict.fromkeys(before_after["model"]))
+    x = np.arange(len(names))
+    before = before_after[before_after["gate"] == "none"].set_index("model").loc[names]
+    after = before_after[before_after["gate"] == "val_selected"].set_index("model").loc[names]
+    fig = new_figure(figsize)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        ax.bar(x - 0.2, before[metric], 0.4, label="no gate", color="#bbbbbb")
+        ax.bar(x + 0.2, after[metric], 0.4, label="validation-selected gate", color="tab:blue")
+        ax.set_xticks(x, names)
+        ax.set_title(GATE_PANEL_TITLES.get(metric, metric))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(frameon=False, fontsize="small")
     return fig

@@ -21,14 +21,16 @@ pass over the pixels, not a loop over objects.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from seglab import SeglabError
-from seglab.evaluate import scoring
-from typing import Sequence
 from seglab.data import splitset
+from seglab.evaluate import scoring
+
+AREA_UNITS = ("px", "um2")
 
 
 @dataclass(frozen=True)
@@ -105,10 +107,23 @@ def apply_gate(labels: np.ndarray, image: np.ndarray, gate: Gate,
     return gated, decisions
 
 
+def area_column(area_unit: str) -> str:
+    """The Gate field (and sweep column) of the minimum area: ``min_area_px`` or ``min_area_um2``."""
+    if area_unit not in AREA_UNITS:
+        raise SeglabError(f"area_unit must be 'px' or 'um2', got {area_unit!r}")
+    return f"min_area_{area_unit}"
+
+
+def gate_from_row(row: Mapping, area_unit: str = "px") -> Gate:
+    """The Gate of one row of :func:`sweep_gates` (e.g. the selected one): its quantiles and its
+    minimum area in ``area_unit`` ('px' or 'um2'; the other area field stays at its default)."""
+    return Gate(q_low=float(row["q_low"]), q_high=float(row["q_high"]),
+                **{area_column(area_unit): float(row[area_column(area_unit)])})
+
+
 def gate_grid(q_lows, q_highs, min_areas, area_unit: str = "px") -> list[Gate]:
     """Every combination, as Gates; ``area_unit`` 'px' or 'um2' says what ``min_areas`` are in."""
-    if area_unit not in ("px", "um2"):
-        raise SeglabError(f"area_unit must be 'px' or 'um2', got {area_unit!r}")
+    area_column(area_unit)  # checks the unit
     grid = []
     for lo in q_lows:
         for hi in q_highs:
@@ -160,11 +175,9 @@ def gate_split(split: splitset.SplitSet, masks: Sequence[np.ndarray], gate, *, c
     'bright') and ``matched`` (True when the instance was a true positive at
     ``iou`` before gating), so removed FPs and lost TPs can be counted.
     """
-    from seglab.segment import postprocess
-
     gated, frames = [], []
     for name, marker, t, p, x in zip(split.names, split.rows["marker"], split.masks, masks, split.images):
-        g, dec = postprocess.apply_gate(p, np.asarray(x[channel]), gate, pixel_size_um)
+        g, dec = apply_gate(p, np.asarray(x[channel]), gate, pixel_size_um)
         dec = dec.assign(image=name, marker=marker)
         dec["matched"] = dec["label"].isin(scoring.outcome_labels(t, p, iou)["tp_pred"])
         gated.append(g)
