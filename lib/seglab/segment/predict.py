@@ -214,34 +214,10 @@ def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table_path = out / table_name((i, n))
-    cols = ["tile", "shard", "n_cells", "seconds", "diameter_px", "mask_file", "status"]
-    previous = {}
-    if table_path.is_file():
-        try:
-            prev = pd.read_csv(table_path, sep="\t", dtype={"tile": str})
-            previous = {r["tile"]: r for r in prev.to_dict("records")}
-        except Exception:  # noqa: BLE001 - an unreadable table is rebuilt
-            previous = {}
-    rows: dict[str, dict] = {}
-    todo = []
-    for t in tiles:
-        mpath = out / f"{t.tile_id}.tif"
-        need_out = save_network_outputs and not (out / "outputs" / f"{t.tile_id}.npz").is_file()
-        if mask_complete(mpath) and not need_out:
-            old = previous.get(t.tile_id)
-            if old is not None and old.get("status") == "done":
-                rows[t.tile_id] = {**old, "shard": f"{i}/{n}"}
-            else:
-                import tifffile
-
-                m = tifffile.imread(mpath)
-                rows[t.tile_id] = {"tile": t.tile_id, "shard": f"{i}/{n}", "n_cells": int(np.count_nonzero(np.unique(m))),
-                                   "seconds": np.nan, "diameter_px": np.nan, "mask_file": mpath.name, "status": "skipped"}
-        else:
-            todo.append(t)
+    rows, todo = _finished_rows(tiles, out, table_path, f"{i}/{n}", save_network_outputs)
 
     def flush():
-        df = pd.DataFrame([rows[t.tile_id] for t in tiles if t.tile_id in rows], columns=cols)
+        df = pd.DataFrame([rows[t.tile_id] for t in tiles if t.tile_id in rows], columns=TABLE_COLUMNS)
         io.write_table(table_path, df)
         return df
 
@@ -255,34 +231,16 @@ def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | 
     try:
         for batch in _batches(todo, max(1, int(batch_tiles))):
             t0 = time.time()
-            images = [t.load() for t in batch]
-            diams = [model.resolve_diameter(models.Model.as_network_input(x, name=t.tile_id), mask.diameter_px)
-                     if model.kind == "cellpose" or mask.diameter_px == DIAMETER_AUTO else None
-                     for t, x in zip(batch, images)]
-            # one segment call per distinct diameter: tiles of the same shape share network batches
-            groups: dict = {}
-            for k, d in enumerate(diams):
-                groups.setdefault(None if d is None else float(d), []).append(k)
-            res: dict = {}
-            for d, idx in groups.items():
-                # the diameter is resolved per tile above; None there means no rescaling
-                at_d = mask.replace(diameter_px=DIAMETER_NATIVE if d is None else d)
-                if model.kind == "cellpose":
-                    m, o = model.segment([images[k] for k in idx], at_d, batch_size=batch_size, return_outputs=True)
-                else:
-                    m, o = model.segment([images[k] for k in idx], at_d), [None] * len(idx)
-                for k, mm, oo in zip(idx, m, o):
-                    res[k] = (mm, oo)
+            results = _segment_batch(model, batch, mask, batch_size)
             sec = (time.time() - t0) / len(batch)
-            for k, t in enumerate(batch):
-                mm, oo = res[k]
+            for t, (mm, oo, d) in zip(batch, results):
                 if save_network_outputs and oo is not None:
                     dynamics.save_outputs(out / "outputs" / f"{t.tile_id}.npz", oo)
                 write_mask(out / f"{t.tile_id}.tif", mm)
                 rows[t.tile_id] = {"tile": t.tile_id, "shard": f"{i}/{n}", "n_cells": int(mm.max() and len(np.unique(mm)) - 1),
-                                   "seconds": round(sec, 4), "diameter_px": diams[k], "mask_file": f"{t.tile_id}.tif",
+                                   "seconds": round(sec, 4), "diameter_px": d, "mask_file": f"{t.tile_id}.tif",
                                    "status": "done"}
-            del images, res
+            del results
             if bar is not None:
                 bar.update(len(batch))
             if time.time() - last_flush > 30:
@@ -293,3 +251,64 @@ def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | 
             bar.close()
         df = flush()
     return df
+
+
+TABLE_COLUMNS = ["tile", "shard", "n_cells", "seconds", "diameter_px", "mask_file", "status"]
+
+
+def _finished_rows(tiles: Sequence[Tile], out: Path, table_path: Path, shard_label: str,
+                   need_outputs: bool) -> tuple[dict[str, dict], list[Tile]]:
+    """The table rows of the tiles whose mask is already complete in ``out`` (kept from the previous
+    table, or counted from the mask), and the tiles still to segment."""
+    previous = {}
+    if table_path.is_file():
+        try:
+            prev = pd.read_csv(table_path, sep="\t", dtype={"tile": str})
+            previous = {r["tile"]: r for r in prev.to_dict("records")}
+        except Exception:  # noqa: BLE001 - an unreadable table is rebuilt
+            previous = {}
+    rows: dict[str, dict] = {}
+    todo = []
+    for t in tiles:
+        mpath = out / f"{t.tile_id}.tif"
+        need_out = need_outputs and not (out / "outputs" / f"{t.tile_id}.npz").is_file()
+        if not mask_complete(mpath) or need_out:
+            todo.append(t)
+            continue
+        old = previous.get(t.tile_id)
+        if old is not None and old.get("status") == "done":
+            rows[t.tile_id] = {**old, "shard": shard_label}
+        else:
+            import tifffile
+
+            m = tifffile.imread(mpath)
+            rows[t.tile_id] = {"tile": t.tile_id, "shard": shard_label, "n_cells": int(np.count_nonzero(np.unique(m))),
+                               "seconds": np.nan, "diameter_px": np.nan, "mask_file": mpath.name, "status": "skipped"}
+    return rows, todo
+
+
+def _segment_batch(model: models.Model, batch: Sequence[Tile], mask: MaskSettings,
+                   batch_size: int | None) -> list[tuple[np.ndarray, dict | None, float | None]]:
+    """(mask (Y, X), network outputs or None, diameter px or None) per tile of ``batch``.
+
+    The diameter is resolved per tile first, then one segment call runs per distinct diameter,
+    so tiles of the same shape share network batches.
+    """
+    images = [t.load() for t in batch]
+    diams = [model.resolve_diameter(models.Model.as_network_input(x, name=t.tile_id), mask.diameter_px)
+             if model.kind == "cellpose" or mask.diameter_px == DIAMETER_AUTO else None
+             for t, x in zip(batch, images)]
+    groups: dict = {}
+    for k, d in enumerate(diams):
+        groups.setdefault(None if d is None else float(d), []).append(k)
+    res: dict = {}
+    for d, idx in groups.items():
+        # resolved above: None means no rescaling
+        at_d = mask.replace(diameter_px=DIAMETER_NATIVE if d is None else d)
+        if model.kind == "cellpose":
+            m, o = model.segment([images[k] for k in idx], at_d, batch_size=batch_size, return_outputs=True)
+        else:
+            m, o = model.segment([images[k] for k in idx], at_d), [None] * len(idx)
+        for k, mm, oo in zip(idx, m, o):
+            res[k] = (mm, oo, diams[k])
+    return [res[k] for k in range(len(batch))]
