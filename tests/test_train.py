@@ -188,3 +188,19 @@ def test_resume_refuses_a_run_with_other_params(tiles, tmp_path):
     other = TrainSettings(epochs=2, checkpoint_every=1, **{**SMALL, "learning_rate": 0.5})
     with pytest.raises(SeglabError, match="different training run"):
         train.fit(models.load("tiny-xs", gpu=False), xs, ys, params=other, run_dir=tmp_path, progress=False)
+
+
+def test_pretrain_generalist_writes_weights_sidecar_and_held_out_metrics(dsb_dir, tmp_path):
+    """The recipe of the committed generalist, shrunk (4 training images, 2 test images per group, 1 epoch)."""
+    recipe = train.GeneralistRecipe(epochs=1, nimg_per_epoch=4, batch_size=2, bsize=64, checkpoint_every=1,
+                                    max_train_images=4, max_test_images=2)
+    out = tmp_path / "generalist.pt"
+    metrics = train.pretrain_generalist(recipe, run_dir=tmp_path / "run", out_path=out, dsb_root=dsb_dir,
+                                        progress=False)
+    assert set(metrics) == {"split", "train_seconds", "torch_threads", "groups", "test", "headline"}
+    assert metrics["split"]["n_train"] == 4 and metrics["split"]["n_test"] == 2 * len(recipe.test_groups)
+    assert set(metrics["groups"]) == set(recipe.test_groups)
+    assert all(0 <= v <= 1 for v in metrics["headline"].values())
+    side = models.read_sidecar(out)
+    assert side["metrics"] == metrics["headline"] and side["input_channels"] == [0]
+    assert models.load_checkpoint(out).arch == "tiny_unet"

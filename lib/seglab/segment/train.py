@@ -437,11 +437,45 @@ def pretrain_generalist(recipe: GeneralistRecipe, *, run_dir: str | Path, out_pa
     """
     import time
 
-    from cellpose.utils import diameters as cp_diameters
-
-    from seglab.data import dsb
-
     import torch
+
+    tr, tr_x, tr_y, va_x, va_y, te, te_x, te_y = _dsb_sets(recipe, dsb_root)
+    net = models.build_tiny_net(models.TINY_PRESETS[recipe.preset], seed=recipe.seed,
+                                diam_mean_px=recipe.diam_mean_px)
+    model = models.Model(spec=f"tiny-{recipe.preset}", kind="cellpose", arch="tiny_unet",
+                         cp=models.wrap_net(net, torch.device("cpu"), f"tiny-{recipe.preset}"),
+                         diam_mean_px=recipe.diam_mean_px, default_diameter="auto")
+    params = TrainSettings(epochs=recipe.epochs, learning_rate=recipe.learning_rate,
+                         weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, bsize=recipe.bsize,
+                         nimg_per_epoch=recipe.nimg_per_epoch, scale_range=recipe.scale_range, rescale=True,
+                         min_train_masks=1, checkpoint_every=recipe.checkpoint_every, seed=recipe.seed)
+    t0 = time.time()
+    ck = fit(model, tr_x, tr_y, params=params, run_dir=run_dir, ids=list(tr["name"]), val_images=va_x,
+             val_labels=va_y, progress=progress,
+             meta={"base_spec": f"tiny-{recipe.preset} (random init, seed {recipe.seed})",
+                   "recipe": asdict(recipe), "data": "DSB2018 stage1_train fluorescence (BBBC038v1, CC0)",
+                   # trained on [nucleus, 0, 0]: at inference only channel 0 (DAPI) is given to it
+                   "input_channels": [0]})
+    train_s = time.time() - t0
+    trained = models.load_checkpoint(ck)
+    metrics = {"split": {"test_groups": list(recipe.test_groups), "val_groups": list(recipe.val_groups),
+                         "n_train": len(tr_x), "n_val": len(va_x), "n_test": len(te_x)},
+               "train_seconds": round(train_s, 1), "torch_threads": torch.get_num_threads(),
+               **_held_out_metrics(trained, te, te_x, te_y, recipe.test_groups)}
+    out_path = Path(out_path) if out_path else models.GENERALIST_PATH
+    meta = models.read_sidecar(ck)
+    meta["metrics"] = metrics["headline"]
+    for k in ("format", "weights_file", "weights_sha256"):
+        meta.pop(k, None)
+    models.save_checkpoint(trained.net, out_path, meta)
+    io.write_json(out_path.with_name(out_path.stem + "_metrics.json"), metrics)
+    return metrics
+
+
+def _dsb_sets(recipe: GeneralistRecipe, dsb_root):
+    """DSB2018 split by acquisition group: (train rows, images, masks, val images, masks, test rows,
+    images, masks); images (1, Y, X) float32, masks (Y, X) labels."""
+    from seglab.data import dsb
 
     table = dsb.dsb2018_table(dsb_root)
     table["split"] = dsb_split(table, recipe.test_groups, recipe.val_groups)
@@ -463,30 +497,17 @@ def pretrain_generalist(recipe: GeneralistRecipe, *, run_dir: str | Path, out_pa
     tr_x, tr_y = load(tr)
     va_x, va_y = load(table[table.split == "val"])
     te_x, te_y = load(te)
+    return tr, tr_x, tr_y, va_x, va_y, te, te_x, te_y
 
-    net = models.build_tiny_net(models.TINY_PRESETS[recipe.preset], seed=recipe.seed,
-                                diam_mean_px=recipe.diam_mean_px)
-    model = models.Model(spec=f"tiny-{recipe.preset}", kind="cellpose", arch="tiny_unet",
-                         cp=models.wrap_net(net, torch.device("cpu"), f"tiny-{recipe.preset}"),
-                         diam_mean_px=recipe.diam_mean_px, default_diameter="auto")
-    params = TrainSettings(epochs=recipe.epochs, learning_rate=recipe.learning_rate,
-                         weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, bsize=recipe.bsize,
-                         nimg_per_epoch=recipe.nimg_per_epoch, scale_range=recipe.scale_range, rescale=True,
-                         min_train_masks=1, checkpoint_every=recipe.checkpoint_every, seed=recipe.seed)
-    t0 = time.time()
-    ck = fit(model, tr_x, tr_y, params=params, run_dir=run_dir, ids=list(tr["name"]), val_images=va_x,
-             val_labels=va_y, progress=progress,
-             meta={"base_spec": f"tiny-{recipe.preset} (random init, seed {recipe.seed})",
-                   "recipe": asdict(recipe), "data": "DSB2018 stage1_train fluorescence (BBBC038v1, CC0)",
-                   # trained on [nucleus, 0, 0]: at inference only channel 0 (DAPI) is given to it
-                   "input_channels": [0]})
-    train_s = time.time() - t0
-    trained = models.load_checkpoint(ck)
+
+def _held_out_metrics(trained: models.Model, te: pd.DataFrame, te_x: list, te_y: list, test_groups) -> dict:
+    """AP@0.5 of the generalist (estimated and true diameters) and of the classical reference on the
+    held-out groups, per group and pooled: {"groups", "test", "headline"}."""
+    from cellpose.utils import diameters as cp_diameters
+
     classical = models.load("classical")
-    metrics = {"split": {"test_groups": list(recipe.test_groups), "val_groups": list(recipe.val_groups),
-                         "n_train": len(tr_x), "n_val": len(va_x), "n_test": len(te_x)},
-               "train_seconds": round(train_s, 1), "torch_threads": torch.get_num_threads(), "groups": {}}
-    for g in recipe.test_groups:
+    metrics: dict = {"groups": {}}
+    for g in test_groups:
         idx = [i for i, grp in enumerate(te["group"]) if grp == g]
         xs, ys = [te_x[i] for i in idx], [te_y[i] for i in idx]
         true_d = [float(cp_diameters(y)[0]) for y in ys]
@@ -507,13 +528,6 @@ def pretrain_generalist(recipe: GeneralistRecipe, *, run_dir: str | Path, out_pa
         "test_ap50_generalist_true_diameter": metrics["test"]["generalist_true_diameter"]["ap50_mean"],
         "test_ap50_classical": metrics["test"]["classical"]["ap50_mean"],
     }
-    out_path = Path(out_path) if out_path else models.GENERALIST_PATH
-    meta = models.read_sidecar(ck)
-    meta["metrics"] = metrics["headline"]
-    for k in ("format", "weights_file", "weights_sha256"):
-        meta.pop(k, None)
-    models.save_checkpoint(trained.net, out_path, meta)
-    io.write_json(out_path.with_name(out_path.stem + "_metrics.json"), metrics)
     return metrics
 
 
