@@ -91,7 +91,8 @@ def test_cli_writes_then_checks(probe_root, monkeypatch, capsys):
     from seglab.cli import main
 
     monkeypatch.setattr(readme, "HEADLINES", HEAD)
-    (probe_root / "README.md").write_text(TEXT.format(block=f"{readme.START}\n{readme.END}"))
+    modules = readme.render_modules_block(sorted((probe_root / "notebooks").glob("*.ipynb")))
+    (probe_root / "README.md").write_text(TEXT.format(block=f"{readme.START}\n{readme.END}") + "\n" + modules + "\n")
     _run(probe_root, "00_x", "20250101-000000-aaaa", "done", {"n_tiles": 480})
     assert main(["readme-numbers", "--profile", "demo"]) == 1
     assert "no done demo run of 01_y" in capsys.readouterr().err
@@ -103,7 +104,7 @@ def test_cli_writes_then_checks(probe_root, monkeypatch, capsys):
     assert "seglab readme-numbers --profile demo" in err
     assert main(["readme-numbers", "--profile", "demo"]) == 0
     text = (probe_root / "README.md").read_text()
-    assert "| 01_y | `test_ap50_baseline` | 0.8123 | AP |" in text and text.endswith("\n\nafter\n")
+    assert "| 01_y | `test_ap50_baseline` | 0.8123 | AP |" in text and "\n\nafter\n" in text
     assert main(["readme-numbers", "--profile", "demo", "--check"]) == 0
     _run(probe_root, "01_y", "20250102-000000-cccc", "done", {"test_ap50_baseline": 0.9, "ok": False})
     assert main(["readme-numbers", "--profile", "demo", "--check"]) == 1
@@ -114,3 +115,26 @@ def test_the_readme_table_has_one_row_per_headline_number(repo_root):
     """README's table lists exactly HEADLINES' rows, in order (the values come from a demo run)."""
     rows = readme.parse_rows(readme.extract_block((repo_root / "README.md").read_text()))
     assert list(rows) == [(nb, key) for nb, keys in readme.HEADLINES.items() for key, _ in keys]
+
+
+def test_the_modules_table_lists_what_each_notebook_imports(probe_root, capsys):
+    import nbformat
+
+    from seglab.cli import main
+
+    nb_path = probe_root / "notebooks" / "10_probe.ipynb"
+    nb = nbformat.read(str(nb_path), as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("from seglab.segment import models, dynamics\n"
+                                              "from seglab.evaluate.scoring import evaluate_masks\nimport seglab.core.io"))
+    nbformat.write(nb, str(nb_path))
+    assert readme.notebook_modules(nb_path) == ["core.io", "evaluate.scoring", "segment.dynamics", "segment.models",
+                                                "workflow.runs"]
+    block = readme.render_modules_block([nb_path])
+    assert "| `10_probe` | `core.io`, `evaluate.scoring`, `segment.dynamics`, `segment.models`, `workflow.runs` |" \
+        in block
+    stale = TEXT.format(block=f"{readme.START}\n{readme.END}") + readme.render_modules_block([]) + "\n"
+    (probe_root / "README.md").write_text(stale)
+    assert main(["readme-numbers", "--profile", "demo", "--check"]) == 1
+    assert "modules each notebook calls is out of date" in capsys.readouterr().err
+    with pytest.raises(SeglabError, match="notebook-modules:start"):
+        readme.replace_modules_block("no markers", block)

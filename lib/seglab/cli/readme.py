@@ -14,6 +14,14 @@ def cmd_readme_numbers(args) -> int:
 
     target = paths.project_root() / args.readme
     text = target.read_text()
+    # the table of modules each notebook calls follows the notebooks, not the runs
+    modules = readme.render_modules_block(sorted((paths.project_root() / "notebooks").glob("*.ipynb")))
+    with_modules = readme.replace_modules_block(text, modules, str(target))
+    if args.check and with_modules != text:
+        print(f"{args.readme}: the table of the modules each notebook calls is out of date; rewrite it with: "
+              f"seglab readme-numbers --profile {args.profile}", file=sys.stderr)
+        return 1
+    text = with_modules
     summaries, run_ids = readme.collect(args.profile)
     expected = readme.render_block(summaries, args.profile, run_ids)
     current = readme.extract_block(text, str(target))
@@ -40,8 +48,9 @@ def cmd_readme_numbers(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("readme-numbers", help="write README's headline-numbers table from the latest done runs "
-                                              "(--check: only compare, exit 1 naming the rows that differ)")
+    p = sub.add_parser("readme-numbers", help="write README's headline-numbers table from the latest done runs and "
+                                              "its table of the modules each notebook calls (--check: only "
+                                              "compare, exit 1 naming what differs)")
     p.add_argument("--profile", default="demo")
     p.add_argument("--check", action="store_true", help="compare only; exit 1 if a row differs")
     p.add_argument("--allow-missing", action="store_true",

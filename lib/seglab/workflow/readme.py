@@ -219,3 +219,53 @@ def collect(profile: str, notebooks: list[str] | None = None) -> tuple[dict[str,
         summaries[nb] = json.loads(f.read_text()) if f.is_file() else {}   # no summary: every key `missing`
         run_ids[nb] = run_dir.name
     return summaries, run_ids
+
+
+# --------------------------------------------------------------------------------------
+# which library modules each notebook calls
+# --------------------------------------------------------------------------------------
+
+MODULES_START = "<!-- notebook-modules:start -->"
+MODULES_END = "<!-- notebook-modules:end -->"
+
+
+def notebook_modules(notebook: str | Path) -> list[str]:
+    """The ``seglab`` modules a notebook's code cells import (``from seglab.x import y`` gives
+    ``x.y`` when ``y`` is a module, else ``x``), sorted, without the ``seglab.`` prefix."""
+    import ast
+    import importlib.util
+
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    found = set()
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        code = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("seglab"):
+                package = importlib.util.find_spec(node.module).submodule_search_locations is not None
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    found.add(full if package and importlib.util.find_spec(full) is not None else node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("seglab."))
+    return sorted(m.removeprefix("seglab.") for m in found if m != "seglab")
+
+
+def render_modules_block(notebooks: list[Path]) -> str:
+    """README's table "notebook -> library modules it calls", between its two markers."""
+    lines = [MODULES_START, "", "| notebook | modules (`seglab.` ...) |", "|---|---|"]
+    lines += [f"| `{p.stem}` | " + ", ".join(f"`{m}`" for m in notebook_modules(p)) + " |" for p in notebooks]
+    lines += ["", MODULES_END]
+    return "\n".join(lines)
+
+
+def replace_modules_block(text: str, block: str, source: str = "README.md") -> str:
+    """``text`` with its notebook-modules block replaced by ``block``."""
+    if text.count(MODULES_START) != 1 or text.count(MODULES_END) != 1:
+        raise SeglabError(f"{source}: needs exactly one '{MODULES_START}' and one '{MODULES_END}'; put the two "
+                          "lines where the table of the modules each notebook calls goes")
+    i, j = text.index(MODULES_START), text.index(MODULES_END) + len(MODULES_END)
+    return text[:i] + block + text[j:]
