@@ -158,8 +158,23 @@ def test_no_spec_is_copied_between_schema_files(repo_root):
         f"keys declared identically in several schema files (move them to a block, or update KNOWN_COPIES): "
         f"{ {k: v for k, v in copies.items() if k not in KNOWN_COPIES} }, no longer copied: "
         f"{sorted(KNOWN_COPIES - set(copies))}")
-    for key, default in (("flow_threshold", 0.4), ("cellprob_threshold", 0.0), ("min_size", 15)):
-        assert [(f, spec["default"]) for f, spec in seen[key]] == [("_shared.yaml", default)], key
+    # the mask defaults are declared once, as fields of MaskSettings; the block takes them from there
+    from seglab.config.params import load_schema
+    from seglab.config.settings import MaskSettings
+
+    resolved = load_schema("01_baseline_vs_finetune", repo_root).specs
+    for key in ("diameter_px", "flow_threshold", "cellprob_threshold", "min_size"):
+        assert [(f, spec["default"]) for f, spec in seen[key]] == [("_shared.yaml", "library")], key
+        assert resolved[key].default == getattr(MaskSettings(), key), key
+
+
+def test_a_library_default_must_be_a_settings_field(probe_root):
+    from seglab.config.params import ParamsError, load_schema
+
+    (probe_root / "params" / "schema" / "10_probe.yaml").write_text(
+        "n: {type: int, default: 4}\nlabel: {type: str, default: library}\n")
+    with pytest.raises(ParamsError, match="label.*no field of MaskSettings"):
+        load_schema("10_probe", probe_root)
 
 
 def _probe_block(probe_root, text="label: {type: str, default: probe}\n", name="_common"):

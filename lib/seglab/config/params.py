@@ -147,6 +147,21 @@ class Schema:
 
 
 INCLUDE_KEY = "include"
+# ``default: library`` in a spec: the default of the settings object field of that name
+# (MaskSettings, TrainSettings), so that a default such as flow_threshold's is written once.
+LIBRARY_DEFAULT = "library"
+
+
+def library_default(key: str, source: Path):
+    """The default of ``key`` as a field of :class:`MaskSettings` or :class:`TrainSettings`."""
+    from seglab.config.settings import MaskSettings, TrainSettings
+
+    for cls in (MaskSettings, TrainSettings):
+        if key in cls.keys():
+            return getattr(cls, key)
+    raise ParamsError(f"{source}: key '{key}' has 'default: {LIBRARY_DEFAULT}' but is no field of MaskSettings "
+                      f"({', '.join(MaskSettings.keys())}) or TrainSettings ({', '.join(TrainSettings.keys())}); "
+                      "give its default here")
 
 
 def schema_dir(root: Path | None = None) -> Path:
@@ -170,6 +185,8 @@ def _spec(key, spec, source: Path) -> Spec:
                           f"allowed: {sorted(TYPES)}")
     if "choices" in spec:
         spec = {**spec, "choices": tuple(spec["choices"])}
+    if spec.get("default") == LIBRARY_DEFAULT:
+        spec = {**spec, "default": library_default(key, source)}
     out = Spec(key=key, **spec)
     if not out.required:
         _check_value(out, out.default, source)
