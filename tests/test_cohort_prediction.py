@@ -218,3 +218,31 @@ def test_count_agreement_pairs_tiles():
     assert list(out["n_total_cells"]) == [5, 4] and list(out["n_total_cells_truth"]) == [3, 4]
     with pytest.raises(SeglabError):
         planted.count_agreement({"m1": t})
+
+
+def test_signed_latent_rho_mean_over_planted_markers_only():
+    latent = pd.DataFrame({"model": ["m", "m", "m", "other"], "marker": ["a", "b", "n", "a"],
+                           "effect": [0.8, -0.5, 0.0, 0.8], "null": [False, False, True, False],
+                           "rho_latent": [0.9, -0.5, 0.7, -1.0]})
+    assert planted.signed_latent_rho_mean(latent, "m") == pytest.approx((0.9 + 0.5) / 2)
+    assert planted.signed_latent_rho_mean(latent, "other") == -1.0
+    assert np.isnan(planted.signed_latent_rho_mean(latent, "absent"))
+
+
+def test_recovery_by_percentile_is_planted_recovery_at_each_percentile():
+    donors = np.arange(10) + 100
+    z = dict(zip(donors, np.linspace(-1, 1, 10)))
+    clinical = pd.DataFrame({"projid": donors, "up": np.linspace(0, 9, 10)})
+    truth = _truth({"a": 0.8, "n": 0.0}, z)
+
+    def rows(pct, rho_a, q_a, q_n):
+        return [{"percentile": pct, "model": m, "marker": mk, "feature": "ratio", "outcome": "up", "rho": r, "q": q}
+                for m in ("truth", "model") for mk, r, q in (("a", rho_a, q_a), ("n", 0.1, q_n))]
+
+    sens = pd.DataFrame(rows(60.0, 0.7, 0.01, 0.5) + rows(75.0, -0.3, 0.01, 0.01))
+    out = planted.recovery_by_percentile(sens, truth, clinical, ["truth", "model"])
+    assert list(out["percentile"]) == [60.0, 60.0, 75.0, 75.0] and list(out["model"]) == ["truth", "model"] * 2
+    assert list(out["recovered"]) == [1.0, 1.0, 0.0, 0.0] and list(out["false_positives"]) == [0, 0, 1, 1]
+    _, at75 = planted.planted_recovery({m: g for m, g in sens[sens["percentile"] == 75.0].groupby("model", sort=False)},
+                                       truth, clinical)
+    pd.testing.assert_frame_equal(out[out["percentile"] == 75.0].drop(columns="percentile").reset_index(drop=True), at75)

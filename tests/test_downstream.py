@@ -459,3 +459,44 @@ def test_plots_draw_headless_and_mark_significance(cohort_tables, tmp_path):
     paths = a.save(tmp_path / "out")
     back = pd.read_csv(paths["correlations"])
     assert len(back) == len(a.correlations) and (tmp_path / "out" / "downstream.json").is_file()
+
+
+def test_e5_figures_one_panel_per_model_with_the_right_lines(tmp_path):
+    """sensitivity_panels (one panel per model, one line per marker), stability_plot's title,
+    count_agreement_figure and recovery_by_percentile_plot, on exact small tables."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from seglab.plots import downstream as pdn
+
+    sens = pd.DataFrame({"model": np.repeat(["truth", "baseline"], 8), "percentile": np.tile([60.0, 60, 75, 75], 4),
+                         "marker": np.tile(np.repeat(["gfap", "neun"], 4), 2), "feature": "ratio",
+                         "outcome": np.tile(["o1", "o2"], 8), "rho": np.arange(16) / 10})
+    fig = pdn.sensitivity_panels(sens, ["truth", "baseline"])
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["truth", "baseline"]
+    # truth, gfap: mean over o1/o2 of rho (0.0, 0.1) at 60 and (0.2, 0.3) at 75
+    gfap = panels[0].get_lines()[0]
+    assert list(gfap.get_xdata()) == [60.0, 75.0] and np.allclose(gfap.get_ydata(), [0.05, 0.25])
+    assert len([ln for ln in panels[1].get_lines() if ln.get_marker() == "o"]) == 2
+    one = pdn.sensitivity_plot(sens[sens["model"] == "truth"])
+    assert np.allclose(one.axes[0].get_lines()[1].get_ydata(), [0.45, 0.65])   # neun
+    corr = pd.DataFrame({"marker": ["gfap", "neun"], "feature": "ratio", "outcome": "o1", "rho": [0.5, -0.2],
+                         "rho_ci_low": [0.3, -0.4], "rho_ci_high": [0.7, 0.0], "frac_significant": [1.0, 0.0]})
+    assert pdn.stability_plot(corr, title="truth: B = 5")._suptitle.get_text() == "truth: B = 5"
+    agree = pd.DataFrame({"model": ["m1", "m1", "m2", "m2"], "n_total_cells": [4, 6, 5, 5],
+                          "n_marker_positive": [1, 2, 1, 3], "n_total_cells_truth": [5, 6, 5, 6],
+                          "n_marker_positive_truth": [1, 3, 1, 3]})
+    fig = pdn.count_agreement_figure(agree)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["m1: r = 1.00, total 0.91 x truth", "m2: r = nan, total 0.91 x truth"]
+    rec = pd.DataFrame({"model": ["truth", "baseline"] * 2, "percentile": [60.0, 60.0, 75.0, 75.0],
+                        "recovered": [0.5, 0.25, 0.75, 0.5], "false_positive_rate": [0.0, 0.1, 0.0, 0.2]})
+    fig = pdn.recovery_by_percentile_plot(rec)
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["truth: recovered", "truth: false pos.", "baseline: recovered",
+                                                "baseline: false pos."]
+    assert list(lines[2].get_ydata()) == [0.25, 0.5]
+    fig.savefig(tmp_path / "rec.png")
+    with pytest.raises(SeglabError, match="missing column"):
+        pdn.count_agreement_figure(agree.drop(columns="n_total_cells_truth"))

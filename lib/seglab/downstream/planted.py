@@ -1,11 +1,44 @@
-"""TODO docstring"""
+"""Recovery of the planted effects of a simulated cohort by each model's analysis (E5).
+
+One function per arrow::
+
+    {model: tile table}                       --count_agreement-->     per tile: counts beside the truth's
+    truth.json                                --latent_scores-->       each donor's latent score
+    clinical + truth.json                     --outcome_directions-->  sign of each outcome vs the latent score
+    {model: correlations} + truth + clinical  --planted_recovery-->    per test and per model: sign, q, rho vs truth
+    {model: donor features} + truth           --latent_rho-->          per model and marker: rho with the latent score
+    latent_rho's table                        --signed_latent_rho_mean--> per model: mean rho x sign(effect)
+    sensitivity table + truth + clinical      --recovery_by_percentile--> planted_recovery at each percentile
+
+Planted-effect recovery
+-----------------------
+``truth.json`` plants a log-odds effect per marker on the fraction of
+marker-positive cells (``effect`` per SD of each donor's latent score; null
+markers have 0). Each clinical outcome follows the latent score up or down
+(ceradsc falls as pathology rises), measured here as the sign of the Spearman
+correlation of the outcome with the latent score over the donors. The expected
+sign of a test (marker, ``ratio``, outcome) is therefore
+``sign(effect) * direction(outcome)``. Per model:
+
+``sign_correct``
+    fraction of the planted (non-null) tests whose rho has the expected sign;
+``recovered``
+    fraction of the planted tests significant (BH q < alpha) with the expected sign;
+``false_positives``
+    number of null-marker tests with q < alpha (``false_positive_rate`` = / tests);
+``mean_abs_rho_diff_vs_truth``
+    mean |rho_model - rho_truth| over all tests of the feature, where "truth" is
+    the same analysis on the ground-truth masks.
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Mapping, Sequence
+
 import numpy as np
 import pandas as pd
+
 from seglab import SeglabError
 
 
@@ -168,3 +201,27 @@ def latent_rho(donor_tables: Mapping[str, pd.DataFrame], truth: Mapping, *, feat
             rows.append({"model": m, "marker": mk, "effect": rec.get("effect", math.nan),
                          "null": rec.get("null"), "n_donors": int(ok.sum()), "rho_latent": float(r)})
     return pd.DataFrame(rows)
+
+
+def signed_latent_rho_mean(latent: pd.DataFrame, model: str) -> float:
+    """One model's mean over the planted (non-null) markers of ``rho_latent * sign(effect)``: 1 when
+    every planted marker's donor ratio follows the latent score in the planted direction, 0 when
+    none does on average. ``latent`` is :func:`latent_rho`'s table; NaN when the model has no
+    planted marker there."""
+    lat = latent[(latent["model"] == model) & ~latent["null"].astype(bool)]
+    return float((lat["rho_latent"] * np.sign(lat["effect"])).mean())
+
+
+def recovery_by_percentile(sensitivity: pd.DataFrame, truth: Mapping, clinical: pd.DataFrame,
+                           models: Sequence[str], *, alpha: float = 0.05,
+                           reference: str | None = "truth") -> pd.DataFrame:
+    """:func:`planted_recovery`'s per-model table at every positivity percentile of a threshold
+    sensitivity table (:func:`seglab.downstream.correlate.threshold_sensitivity` rows of every
+    model stacked with a ``model`` column); one row per (percentile, model), column ``percentile``
+    last. ``models`` fixes the row order within a percentile."""
+    parts = []
+    for pct, g in sensitivity.groupby("percentile"):
+        _, per_model = planted_recovery({m: g[g["model"] == m] for m in models}, truth, clinical, alpha=alpha,
+                                        reference=reference)
+        parts.append(per_model.assign(percentile=pct))
+    return pd.concat(parts, ignore_index=True)

@@ -2,7 +2,8 @@
 
 They take the tables of :mod:`seglab.downstream.correlate`: ``Analysis.correlations``,
 :func:`~seglab.downstream.correlate.threshold_sensitivity` and
-:func:`~seglab.downstream.correlate.compare_models`'s ``side_by_side``.
+:func:`~seglab.downstream.correlate.compare_models`'s ``side_by_side``; and the tables of
+:mod:`seglab.downstream.planted` (count agreement, planted-effect recovery).
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ def compare_heatmaps(side_by_side: pd.DataFrame, models: Sequence[str], feature:
     return fig
 
 
-def stability_plot(correlations: pd.DataFrame, feature: str = "ratio", *, figsize=(6, 3.5)):
-    """rho with its bootstrap percentile CI per test, sorted by rho; colour = fraction significant."""
+def stability_plot(correlations: pd.DataFrame, feature: str = "ratio", *, figsize=(6, 3.5),
+                   title: str | None = None):
+    """rho with its bootstrap percentile CI per test, sorted by rho; colour = fraction significant;
+    ``title`` above the panel (fontsize 9) when given."""
     _need(correlations, ["marker", "feature", "outcome", "rho", "rho_ci_low", "rho_ci_high", "frac_significant"],
           "stability_plot")
     t = correlations[correlations["feature"] == feature].dropna(subset=["rho"]).sort_values("rho")
@@ -84,25 +87,50 @@ def stability_plot(correlations: pd.DataFrame, feature: str = "ratio", *, figsiz
     ax.set_xticks(x, [f"{m}/{o}" for m, o in zip(t["marker"], t["outcome"])], rotation=90, fontsize=6)
     ax.set_ylabel("Spearman rho (bootstrap CI)")
     fig.colorbar(sc, ax=ax, label="fraction of resamples with q < alpha")
+    if title:
+        fig.suptitle(title, fontsize=9)
     return fig
+
+
+def _sensitivity_lines(ax, sensitivity: pd.DataFrame, feature: str, outcome: str | None) -> None:
+    """On ``ax``: rho against the percentile, one line per marker (``outcome``'s rho, or the mean
+    over outcomes when None)."""
+    t = sensitivity[sensitivity["feature"] == feature]
+    if outcome is not None:
+        t = t[t["outcome"] == outcome]
+    g = t.groupby(["marker", "percentile"])["rho"].mean().unstack("marker")
+    for m in g.columns:
+        ax.plot(g.index, g[m].to_numpy(), marker="o", label=m)
+    ax.axhline(0, color="k", lw=0.5)
 
 
 def sensitivity_plot(sensitivity: pd.DataFrame, feature: str = "ratio", outcome: str | None = None, *,
                      figsize=(5, 3.5)):
     """rho against the positivity percentile, one line per marker (for one outcome, or the mean over outcomes)."""
     _need(sensitivity, ["percentile", "marker", "feature", "outcome", "rho"], "sensitivity_plot")
-    t = sensitivity[sensitivity["feature"] == feature]
-    if outcome is not None:
-        t = t[t["outcome"] == outcome]
-    g = t.groupby(["marker", "percentile"])["rho"].mean().unstack("marker")
     fig = new_figure(figsize)
     ax = fig.add_subplot()
-    for m in g.columns:
-        ax.plot(g.index, g[m], marker="o", label=m)
-    ax.axhline(0, color="k", lw=0.5)
+    _sensitivity_lines(ax, sensitivity, feature, outcome)
     ax.set_xlabel("positivity threshold: percentile of the tile's marker pixels")
     ax.set_ylabel(f"rho ({outcome or 'mean over outcomes'})")
     ax.legend(fontsize=7)
+    return fig
+
+
+def sensitivity_panels(sensitivity: pd.DataFrame, models: Sequence[str], feature: str = "ratio", *,
+                       figsize=None):
+    """:func:`sensitivity_plot` for each model side by side (one panel per model, shared rho axis):
+    rho of ``feature`` (mean over outcomes) against the positivity percentile, one line per marker.
+    ``sensitivity`` stacks every model's threshold-sensitivity rows with a ``model`` column."""
+    _need(sensitivity, ["model", "percentile", "marker", "feature", "outcome", "rho"], "sensitivity_panels")
+    fig = new_figure(figsize or (4.6 * len(models), 3.6))
+    axes = fig.subplots(1, len(models), sharey=True, squeeze=False)[0]
+    for ax, m in zip(axes, models):
+        _sensitivity_lines(ax, sensitivity[sensitivity["model"] == m], feature, None)
+        ax.set_title(f"{m}", fontsize=9)
+        ax.set_xlabel("positivity percentile of marker pixels")
+    axes[0].set_ylabel(f"rho of the {feature} (mean over outcomes)")
+    axes[-1].legend(fontsize=7)
     return fig
 
 
@@ -126,11 +154,9 @@ def recovery_figure(per_test: pd.DataFrame, per_model: pd.DataFrame, latent: pd.
     """Three panels: rho of each model against the ground-truth-mask rho per test (planted and null
     markers marked); recovered / sign-correct / false-positive rates per model; and, with
     ``latent``, rho with the latent score per marker and model. Returns a matplotlib Figure."""
-    from matplotlib.figure import Figure
-
     models = list(models or per_model["model"])
     ncol = 3 if latent is not None else 2
-    fig = Figure(figsize=figsize or (5 * ncol, 4), layout="constrained")
+    fig = new_figure(figsize or (5 * ncol, 4))
     axes = fig.subplots(1, ncol)
     ax = axes[0]
     others = [m for m in models if per_test.loc[per_test["model"] == m, "rho_reference"].notna().any()
@@ -174,4 +200,51 @@ def recovery_figure(per_test: pd.DataFrame, per_model: pd.DataFrame, latent: pd.
         ax.set_ylabel("Spearman rho, donor ratio vs latent score")
         ax.set_title("planted effect (log-odds per SD) per marker", fontsize=9)
         ax.legend(fontsize=7)
+    return fig
+
+
+def count_agreement_figure(agreement: pd.DataFrame, *, figsize=(10, 4)):
+    """Two panels (cells per tile, marker-positive cells per tile): each model's count against the
+    count on the ground-truth masks, one point per tile, with the identity line; the legend gives
+    Pearson r and the model's total as a multiple of the truth's. ``agreement`` is
+    :func:`seglab.downstream.planted.count_agreement`'s table."""
+    check_columns(agreement, ["model", "n_total_cells", "n_marker_positive", "n_total_cells_truth",
+                              "n_marker_positive_truth"], "count_agreement_figure",
+                  source="seglab.downstream.planted.count_agreement")
+    fig = new_figure(figsize)
+    axes = fig.subplots(1, 2)
+    for ax, col in zip(axes, ("n_total_cells", "n_marker_positive")):
+        for k, (m, g) in enumerate(agreement.groupby("model", sort=False)):
+            r = np.corrcoef(g[col], g[col + "_truth"])[0, 1]
+            ratio = g[col].sum() / max(g[col + "_truth"].sum(), 1)
+            ax.scatter(g[col + "_truth"], g[col], s=6, alpha=0.5, color=f"C{k + 1}",
+                       label=f"{m}: r = {r:.2f}, total {ratio:.2f} x truth")
+        hi = max(agreement[col].max(), agreement[col + "_truth"].max())
+        ax.plot([0, hi], [0, hi], color="k", lw=0.6)
+        ax.set_xlabel(f"{col} per tile, ground-truth masks")
+        ax.set_ylabel(f"{col} per tile, model")
+        ax.legend(fontsize=7)
+    fig.suptitle("per-tile counts against the ground-truth masks")
+    return fig
+
+
+def recovery_by_percentile_plot(by_percentile: pd.DataFrame, models: Sequence[str] | None = None, *,
+                                figsize=(5, 3.5)):
+    """Per model: the fraction of planted tests recovered (solid) and the false-positive rate on the
+    null markers (dashed) against the positivity percentile. ``by_percentile`` is
+    :func:`seglab.downstream.planted.recovery_by_percentile`'s table."""
+    check_columns(by_percentile, ["model", "percentile", "recovered", "false_positive_rate"],
+                  "recovery_by_percentile_plot", source="seglab.downstream.planted.recovery_by_percentile")
+    models = list(models or dict.fromkeys(by_percentile["model"]))
+    fig = new_figure(figsize)
+    ax = fig.add_subplot()
+    for k, m in enumerate(models):
+        g = by_percentile[by_percentile["model"] == m]
+        ax.plot(g["percentile"], g["recovered"], marker="o", color=f"C{k}", label=f"{m}: recovered")
+        ax.plot(g["percentile"], g["false_positive_rate"], marker="x", ls="--", color=f"C{k}",
+                label=f"{m}: false pos.")
+    ax.set_xlabel("positivity percentile")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title("planted-effect recovery across thresholds", fontsize=9)
     return fig

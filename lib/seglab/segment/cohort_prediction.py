@@ -1,4 +1,28 @@
-"""TODO docstring"""
+"""Inference over every tile of a cohort, cached by content and resumable (E5's heavy step).
+
+One function per arrow::
+
+    model + tiles + MaskSettings  --prediction_dir-->  data/predictions/<model id[:16]>-<settings+tiles hash[:16]>/
+    the same                      --predict_cohort-->  masks <tile>.tif + per-tile table (CohortPrediction)
+    prediction folder             --collect_table-->   one row per tile (merged shard tables)
+    prediction folder             --mask_loader-->     load_mask(row) for seglab.downstream.features.tile_table
+
+Where the predictions live
+--------------------------
+A prediction folder is named by what decides its masks, not by the run that
+made it: ``<model id (sha256 of the weights)>[:16]-<hash of the mask settings
+and of the tiles' files>[:16]``. A rerun of the notebook, another notebook, or
+a Slurm array over shards (``seglab prepare 05``, ``seglab predict --shard I/N
+--out <folder>``) writes to and reads from the same folder, so an interrupted
+inference resumes and a finished one is reused. ``prediction.json`` in the
+folder records the model, the settings and the tiles' hash; a folder whose
+record disagrees is refused rather than mixed.
+
+Shards are round robin over the sorted tile ids (tile k is in shard ``k % N``),
+as :mod:`seglab.segment.predict` splits them; each shard writes its masks, then
+its table ``tiles_shard-I-of-N.tsv`` last, so a shard with a table and every
+mask is done.
+"""
 
 from __future__ import annotations
 
@@ -118,7 +142,7 @@ def collect_table(folder, tile_ids: Sequence[str]) -> pd.DataFrame:
             parts.append(pd.read_csv(f, sep="\t", dtype={"tile": str}))
         except Exception:  # noqa: BLE001 - a damaged table is ignored; the masks decide
             continue
-    cols = ["tile", "shard", "n_cells", "seconds", "diameter_px", "mask_file", "status"]
+    cols = predict.TABLE_COLUMNS
     t = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
     # a tile segmented in two shardings: keep a "done" row (it has the timing) over "skipped"
     t = t.assign(_rank=(t["status"] != "done").astype(int)).sort_values(["tile", "_rank"], kind="stable")
