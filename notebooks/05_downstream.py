@@ -70,6 +70,7 @@ run_dir = None
 profile = "interactive"
 
 # %%
+# %matplotlib inline
 import time
 
 from seglab.experiments import e5_downstream as e5

@@ -110,8 +110,9 @@ def test_tile_counts_totals_models_note_and_outputs():
     params = {"shards": [0], "n_shards": 4}
     assert counts.describe(params) == ("4 tiles, 2 donors; truth masks for every tile: True\nNOTE: one tile per donor x "
                                        "marker (shards [0] of 4): resampling tiles within a donor x marker cannot vary, "
-                                       "so the bootstrap intervals collapse onto rho; run more shards for real stability")
+                                       "so the bootstrap intervals collapse onto rho; analyse more tiles for real stability")
     assert "NOTE" not in _counts(tiles_per_pair=2).describe(params)
+    assert "marker: resampling" in counts.describe({"shards": None, "n_shards": 4})
     out = counts.outputs()
     assert list(out) == ["tiles_truth.csv", "tiles_baseline.csv", "tiles_finetuned.csv", "tile_counts_vs_truth.csv",
                          "tile_counts_vs_truth.png"]

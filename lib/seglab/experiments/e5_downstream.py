@@ -244,9 +244,9 @@ class TileCounts:
         text = (f"{len(self.manifest)} tiles, {self.manifest['donor'].nunique()} donors; truth masks for every tile: "
                 f"{self.has_truth}")
         if self.manifest.groupby(["donor", "marker"]).size().max() <= 1:
-            text += (f"\nNOTE: one tile per donor x marker (shards {params['shards']} of {params['n_shards']}): "
-                     "resampling tiles within a donor x marker cannot vary, so the bootstrap intervals collapse "
-                     "onto rho; run more shards for real stability")
+            subset = f" (shards {params['shards']} of {params['n_shards']})" if params["shards"] is not None else ""
+            text += (f"\nNOTE: one tile per donor x marker{subset}: resampling tiles within a donor x marker cannot "
+                     "vary, so the bootstrap intervals collapse onto rho; analyse more tiles for real stability")
         return text
 
     def outputs(self) -> dict:
