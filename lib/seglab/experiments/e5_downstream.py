@@ -10,15 +10,16 @@ analysis is repeated over positivity thresholds, and on a simulated cohort each
 model's calls are scored against the effects ``truth.json`` planted.
 
 The steps, in the notebook's order (each returns tables and what the figures need;
-``outputs()`` names the files a run folder keeps)::
+a result's ``outputs()`` names the files the run folder keeps, :func:`save_outputs`
+writes them)::
 
-    model_table(params)                       the two models and their weights' identity  models.json
-    predict_all(params)                       both models over every tile (cached)        predictions_<model>.csv, inference.*
-    tile_counts(params, predictions)          TileCounts: tile tables of truth + models   tiles_<model>.csv, tile_counts_vs_truth.csv
-    correlations(counts, clinical, params)    Correlations: per-model Analysis, side by side, recovery of truth's calls
-    sensitivity(counts, clinical, params)     Sensitivity: the analysis at every percentile  threshold_sensitivity.csv
-    planted(truth, corr, sens, clinical, ...) PlantedRecovery or None (real tiles)         planted_*.csv
-    headline(...)                             summary.json's numbers; verdict(...) the sentence
+    model_table(params)              the two models, identified by their weights   models.json
+    predict_all(params)              both models' masks of every tile (cached)     predictions_<model>.csv, inference.*
+    tile_counts(params, predictions) TileCounts: tile tables of truth and models   tiles_<model>.csv, tile_counts_vs_truth.*
+    correlations(counts, ...)        Correlations: rho, q, bootstrap per model     <model>_correlations.csv, side_by_side.csv, ...
+    sensitivity(counts, ...)         Sensitivity: the analysis at each percentile  threshold_sensitivity.*
+    planted(truth, corr, sens, ...)  PlantedRecovery (None for real tiles)         planted_recovery*.csv, planted_*.png
+    headline(...), verdict(...)      summary.json's numbers; the answer in words
 
 The heavy work is described once, here: :func:`predict_model` is the one
 ``predict_cohort`` call of E5; :func:`work_items` runs it for one (model, shard)
@@ -540,16 +541,16 @@ def check(params: dict, log: Callable = print) -> dict:
     unexpected and unreadable tiles.
     """
     n, shards = shards_of(params)
-    tiles_dir = paths.resolve(params["cohort_dir"]) / "tiles"
+    tiles = tiles_dir(params)
     settings = MaskSettings.from_params(params)
-    all_tiles = predict.list_tiles(tiles_dir)
+    all_tiles = predict.list_tiles(tiles)
     wanted = [t for k, t in enumerate(all_tiles) if predict.shard_of(k, n) in shards]
     out, problems = {}, []
     for model, spec_of in model_specs(params).items():
-        folder = cohort_prediction.prediction_dir(spec_of(), tiles_dir, settings, root=params["predictions_dir"])
+        folder = cohort_prediction.prediction_dir(spec_of(), tiles, settings, root=params["predictions_dir"])
         if shards == list(range(n)):
             try:
-                c = sharding.merge_shards(tiles_dir, folder, n, log=log)
+                c = sharding.merge_shards(tiles, folder, n, log=log)
                 out[model] = {**c.__dict__, "ok": True, "folder": str(folder)}
             except SeglabError as exc:
                 problems.append(f"{model}: {exc}")
