@@ -62,6 +62,8 @@ def coverage_figure(tiles: pd.DataFrame, annotated_grid: pd.DataFrame, annotated
 def split_figure(split_table: pd.DataFrame):
     """Annotated tiles per donor, one bar each, coloured by split (train, val, test order); the legend
     gives each split's tiles and donors. ``split_table``: :func:`seglab.experiments.e0_data.split_donors`."""
+    from matplotlib.patches import Patch
+
     check_columns(split_table, ["split", "donor", "n_annotated_tiles"], "split_figure", source=SOURCE)
     order = {s: i for i, s in enumerate(SPLIT_COLOURS)}
     table = split_table.sort_values(by="split", key=lambda s: s.map(order), kind="stable")
@@ -70,11 +72,13 @@ def split_figure(split_table: pd.DataFrame):
     ax.bar(range(len(table)), table["n_annotated_tiles"], color=table["split"].map(SPLIT_COLOURS))
     ax.set_xticks(range(len(table)), table["donor"], rotation=90, fontsize=7)
     ax.set_ylabel("annotated tiles")
+    handles = []
     for split, colour in SPLIT_COLOURS.items():
         part = table[table["split"] == split]
-        ax.bar([], [], color=colour, label=f"{split}: {int(part['n_annotated_tiles'].sum())} tiles, "
-                                           f"{part['donor'].nunique()} donors")
-    ax.legend()
+        # a patch per split: an empty bar's legend entry would take the default colour
+        handles.append(Patch(color=colour, label=f"{split}: {int(part['n_annotated_tiles'].sum())} tiles, "
+                                                 f"{part['donor'].nunique()} donors"))
+    ax.legend(handles=handles)
     ax.set_title("donor-level split of the annotated tiles")
     return fig
 
