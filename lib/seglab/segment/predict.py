@@ -135,15 +135,16 @@ def parse_shard(shard: str | tuple | None) -> tuple[int, int]:
     return i, n
 
 
+def shard_of(index: int, n_shards: int) -> int:
+    """The shard that takes the ``index``-th tile of the sorted list: round robin, the one rule of
+    ``seglab predict --shard I/N``, the Slurm arrays and the shard checks."""
+    return index % n_shards
+
+
 def shard_slice(items: Sequence, shard) -> list:
-    """The items of shard I of N: indices I, I+N, ... (the same split as seglab.segment.shards.shard_of)."""
+    """The items of shard I of N (``"I/N"`` or (I, N)): indices I, I+N, ... by :func:`shard_of`."""
     i, n = parse_shard(shard)
-    return [x for k, x in enumerate(items) if k % n == i]
-
-
-# --------------------------------------------------------------------------------------
-# masks from saved outputs
-# --------------------------------------------------------------------------------------
+    return [x for k, x in enumerate(items) if shard_of(k, n) == i]
 
 
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Sharded inference's outputs, checked: every tile in exactly one shard, with a mask that reads back.
 
 ``seglab predict --shard I/N`` (:mod:`seglab.segment.predict`) deals the sorted tiles round
-robin (:func:`shard_of`) and writes ``tiles_shard-<I>-of-<N>.tsv`` beside the masks.
+robin (:func:`seglab.segment.predict.shard_of`) and writes ``tiles_shard-<I>-of-<N>.tsv`` beside the masks.
 
 - :func:`shard_complete`: a shard's table lists all its tiles and every mask reads back.
 - :func:`check_shards`: every tile present exactly once across the shards' tables.
@@ -30,11 +30,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def shard_of(index: int, n_shards: int) -> int:
-    """The shard that takes the ``index``-th tile of the sorted list (round robin, as seglab.segment.predict)."""
-    return index % n_shards
-
-
 def shard_complete(tiles_dir, out_dir, shard: int, n_shards: int) -> bool:
     """Whether shard ``shard`` of ``n_shards`` finished: its table lists all its tiles and every mask reads back."""
     try:
@@ -42,7 +37,7 @@ def shard_complete(tiles_dir, out_dir, shard: int, n_shards: int) -> bool:
     except (OSError, SeglabError):
         return False
     out = Path(out_dir)
-    mine = [n for i, n in enumerate(names) if shard_of(i, n_shards) == shard]
+    mine = [n for i, n in enumerate(names) if predict.shard_of(i, n_shards) == shard]
     table = out / predict.table_name((shard, n_shards))
     if not mine or not table.is_file():
         return False
