@@ -133,3 +133,15 @@ def test_a_notebook_gets_its_validated_params_and_settings_from_attach(params_pr
     partial = attach("01_baseline_vs_finetune", params_project / "runs", "demo", {"epochs": 3})
     with pytest.raises(SeglabError, match="sync-parameters"):
         partial.params
+
+
+def test_seglab_predict_outside_a_compendium_takes_the_library_defaults(tmp_path, monkeypatch, capsys):
+    from seglab.cli.models import mask_settings
+
+    monkeypatch.setenv("SEGLAB_ROOT", str(tmp_path))
+    paths.set_root(None)
+    args = argparse.Namespace(profile="demo", flow_threshold=0.6, cellprob_threshold=None, min_size=None,
+                              diameter="14")
+    assert mask_settings(args) == MaskSettings(flow_threshold=0.6, diameter_px=14.0)
+    assert "library's defaults" in capsys.readouterr().err
+    paths.set_root(None)

@@ -33,8 +33,9 @@ def cmd_train(args) -> int:
 def mask_settings(args):
     """The profile's mask settings (params/<profile>/defaults.yaml, the notebooks' own values),
     with the flags the user gave on top."""
-    from seglab.config.params import parse_override, shared_params
+    from seglab.config.params import include_names, parse_override, shared_params
     from seglab.config.settings import MaskSettings
+    from seglab.core import paths
 
     given = {"flow_threshold": args.flow_threshold, "cellprob_threshold": args.cellprob_threshold,
              "min_size": args.min_size}
@@ -42,7 +43,13 @@ def mask_settings(args):
         d = args.diameter.strip().lower()
         given["diameter_px"] = None if d in ("default", "null") else d if d in ("auto", "native") \
             else parse_override(f"diameter_px={args.diameter}")[1]
-    return MaskSettings.from_params(shared_params(args.profile), **{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    if "_shared" not in include_names():
+        # tiles segmented outside a compendium (no params here): the library's defaults
+        print(f"[seglab] no params/schema/_shared.yaml under {paths.project_root()}: mask settings are the "
+              "library's defaults and the flags", file=sys.stderr)
+        return MaskSettings(**given)
+    return MaskSettings.from_params(shared_params(args.profile), **given)
 
 
 def cmd_predict(args) -> int:
