@@ -186,3 +186,23 @@ def test_submit_all_dry_run_plans_prepare_arrays_before_their_notebooks(project)
     (project / "slurm" / "cluster.yaml").write_text("jobs:\n  07_nope:prepare: {cpus: 2}\n")
     bad = cli(project, "submit-all", "--profile", "tiny", "--dry-run")
     assert bad.returncode == 1 and "unknown job '07_nope:prepare'" in bad.stderr
+
+
+def test_an_item_runs_with_the_notebooks_torch_threads(monkeypatch):
+    """A CPU fine-tune's weights depend on torch's thread count: a prepare item (a Slurm array task)
+    must train with the notebook's torch_threads, or the cached model differs from the notebook's."""
+    import torch
+
+    from seglab.experiments.items import Item
+
+    seen = []
+    item = Item(index=0, label="probe", kind="finetune", key="k", args={},
+                _run=lambda log: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(prepare, "work_items", lambda name, params: [item])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        prepare.run_item("02_label_efficiency", {"torch_threads": 1}, 0, log=lambda *_: None)
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(before)

@@ -27,6 +27,7 @@ import time
 from typing import Callable
 
 from seglab import SeglabError
+from seglab.core import workers
 from seglab.experiments import experiment_module
 from seglab.experiments.items import Item, ItemsUnknown
 
@@ -125,7 +126,10 @@ def run_item(experiment, params: dict, index: int, *, expect_label: str | None =
     if item.done():
         log(f"[prepare] {name} item {index} ({item.label}): already done (in the cache), skipped")
         return {"index": index, "label": item.label, "status": "skipped", "seconds": 0.0}
-    log(f"[prepare] {name} item {index} ({item.label}): running")
+    # a CPU fine-tune's weights depend on torch's thread count (float sums in another order): run
+    # with the notebook's own torch_threads, so an array task trains what the notebook would
+    threads = workers.set_threads(params.get("torch_threads"))
+    log(f"[prepare] {name} item {index} ({item.label}): running ({threads} torch threads)")
     t0 = time.monotonic()
     item.run(log)
     seconds = round(time.monotonic() - t0, 1)
