@@ -40,7 +40,7 @@ def test_list_tiles_pairs_channels_and_shards_partition(cohort):
 def test_predict_twice_identical_and_resumes(cohort, tmp_path, generalist):
     # shard 0/3 (5 tiles) keeps the test short; the shard is part of what is compared
     a = predict.predict(generalist, cohort, tmp_path / "a", shard="0/3", batch_tiles=4, progress=False, mask=MaskSettings(diameter_px=13))
-    b = predict.predict(generalist, cohort, tmp_path / "b", shard="0/3", batch_tiles=3, progress=False, mask=MaskSettings(diameter_px=13))
+    predict.predict(generalist, cohort, tmp_path / "b", shard="0/3", batch_tiles=3, progress=False, mask=MaskSettings(diameter_px=13))
     assert len(a) == 5 and (a["status"] == "done").all()
     assert a["n_cells"].sum() > 10  # the generalist finds nuclei: the comparisons below are not vacuous
     for t in a["tile"]:
