@@ -241,44 +241,12 @@ def execute(ref: str, profile: str, overrides: dict | None = None, report: Repor
     notebook) when a cell fails or the run is interrupted by Ctrl-C or SIGTERM.
     ``seglab run`` is :func:`seglab.workflow.pipeline.execute`: this with the report steps.
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     root = paths.project_root()
     experiment = find_experiment(ref, root)
     if not experiment.notebook.is_file():
         raise SeglabError(f"{experiment.name}: notebook {experiment.notebook} is missing")
     params, sources = load_params(experiment.name, profile, overrides, root)
-    inputs = input_hashes(experiment, params, root)
-
-    # The slow fields first (git, package versions, upstream runs), so the folder is without its
-    # manifest for as short a time as possible (readers see it as `starting` meanwhile).
-    recorded = {
-        "git": git_state(root), "packages": package_versions(), "host": socket.gethostname(),
-        "pid": os.getpid(), "slurm": slurm_state(), "command": sys.argv,
-        "params_hash": params_hash(params),
-        "params_files": [{"path": os.path.relpath(s, root), "sha256": io.sha256_file(s)} for s in sources],
-        "overrides": overrides or {}, "inputs": inputs, "upstream": upstream_runs(experiment, profile),
-    }
-    parent = paths.runs_dir() / experiment.name / profile
-    parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        run_dir = parent / new_run_id()
-        try:
-            run_dir.mkdir()  # exclusive: a run folder is never shared or reused
-            break
-        except FileExistsError:
-            time.sleep(0.01)
-
-    manifest: dict[str, Any] = {
-        "experiment": experiment.name, "title": experiment.title, "profile": profile,
-        "run_id": run_dir.name, "run_dir": os.path.relpath(run_dir, root), "status": "running",
-        "started": utc_now(), "ended": None, "duration_s": None,
-        **recorded,
-        "outputs": [], "error": None, "report": None,
-    }
-    io.write_json(run_dir / MANIFEST, manifest)
-    io.write_text(run_dir / "params.yaml", yaml.safe_dump(params, sort_keys=True))
+    run_dir, manifest = _new_run(experiment, profile, params, sources, overrides, root)
     notebook_out = run_dir / experiment.notebook.name
     log(f"[seglab] {experiment.name} ({profile}) -> {manifest['run_dir']}")
 
@@ -293,55 +261,12 @@ def execute(ref: str, profile: str, overrides: dict | None = None, report: Repor
     os.dup2(kernel_log.fileno(), 2)
     try:
         with kernel_log:
-            papermill.execute_notebook(
-                str(experiment.notebook), str(notebook_out),
-                parameters={**params, "run_dir": str(run_dir), "profile": profile},
-                kernel_name=KERNEL_NAME, cwd=str(root), progress_bar=False,
-                log_output=False, stdout_file=kernel_log, stderr_file=kernel_log,
-                request_save_on_cell_execute=True)
-        manifest["status"] = "done"
-    except PapermillExecutionError as exc:
-        manifest["status"] = "failed"
-        manifest["error"] = {"cell_index": exc.cell_index, "execution_count": exc.exec_count,
-                             "ename": exc.ename, "evalue": exc.evalue}
-    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM's _Terminated
-        manifest["status"] = "interrupted"
-        manifest["error"] = {"ename": type(exc).__name__, "evalue": str(exc) or "Ctrl-C"}
-    except Exception as exc:  # the kernel died, the notebook is unreadable, ...
-        manifest["status"] = "failed"
-        manifest["error"] = {"ename": type(exc).__name__, "evalue": str(exc)}
+            manifest["status"], manifest["error"] = _run_notebook(experiment, notebook_out, params, run_dir,
+                                                                  profile, root, kernel_log)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        manifest["ended"] = utc_now()
-        manifest["duration_s"] = round(time.monotonic() - t0, 3)
-        evaluations_file = run_dir / TEST_EVALUATIONS
-        if evaluations_file.is_file():
-            manifest["test_evaluations"] = json.loads(evaluations_file.read_text())
-        summary_file = run_dir / SUMMARY
-        if summary_file.is_file():
-            try:
-                manifest["summary"] = json.loads(summary_file.read_text())
-            except json.JSONDecodeError:
-                manifest["summary"] = None
-        if report is not None and notebook_out.is_file():
-            try:
-                manifest["report"] = os.path.relpath(report.render_run(run_dir, manifest), root)
-            except Exception as exc:  # a report that cannot render must not hide the run's status
-                manifest["report_error"] = f"{type(exc).__name__}: {exc}"
-        if report is not None:
-            try:
-                if manifest["status"] == "done":
-                    report.publish_figures(run_dir, manifest)
-            except Exception as exc:
-                log(f"[seglab] warning: could not publish figures: {exc}")
-        manifest["outputs"] = output_records(run_dir)
-        io.write_json(run_dir / MANIFEST, manifest)
-        if report is not None:
-            try:
-                report.build_index()
-            except Exception as exc:
-                log(f"[seglab] warning: could not update reports/index.html: {exc}")
+        _finish(manifest, run_dir, notebook_out, round(time.monotonic() - t0, 3), report, root, log)
         # An interrupted kernel leaves asyncio tasks whose errors are logged when
         # they are collected: collect them while stderr still goes to kernel.log.
         import gc
@@ -355,6 +280,98 @@ def execute(ref: str, profile: str, overrides: dict | None = None, report: Repor
     log(f"[seglab] {experiment.name} ({profile}) done in {manifest['duration_s']:.1f} s"
         + (f"; report: {manifest['report']}" if manifest.get("report") else ""))
     return RunResult(run_dir=run_dir, status="done", manifest=manifest)
+
+
+def _new_run(experiment: Experiment, profile: str, params: dict, sources: list[Path], overrides: dict | None,
+             root: Path) -> tuple[Path, dict]:
+    """A new run folder (exclusive mkdir) with its first manifest (status running) and params.yaml."""
+    # The slow fields first (git, package versions, upstream runs), so the folder is without its
+    # manifest for as short a time as possible (readers see it as `starting` meanwhile).
+    recorded = {
+        "git": git_state(root), "packages": package_versions(), "host": socket.gethostname(),
+        "pid": os.getpid(), "slurm": slurm_state(), "command": sys.argv,
+        "params_hash": params_hash(params),
+        "params_files": [{"path": os.path.relpath(s, root), "sha256": io.sha256_file(s)} for s in sources],
+        "overrides": overrides or {}, "inputs": input_hashes(experiment, params, root),
+        "upstream": upstream_runs(experiment, profile),
+    }
+    parent = paths.runs_dir() / experiment.name / profile
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        run_dir = parent / new_run_id()
+        try:
+            run_dir.mkdir()  # exclusive: a run folder is never shared or reused
+            break
+        except FileExistsError:
+            time.sleep(0.01)
+    manifest: dict[str, Any] = {
+        "experiment": experiment.name, "title": experiment.title, "profile": profile,
+        "run_id": run_dir.name, "run_dir": os.path.relpath(run_dir, root), "status": "running",
+        "started": utc_now(), "ended": None, "duration_s": None,
+        **recorded,
+        "outputs": [], "error": None, "report": None,
+    }
+    io.write_json(run_dir / MANIFEST, manifest)
+    io.write_text(run_dir / "params.yaml", yaml.safe_dump(params, sort_keys=True))
+    return run_dir, manifest
+
+
+def _run_notebook(experiment: Experiment, notebook_out: Path, params: dict, run_dir: Path, profile: str,
+                  root: Path, kernel_log) -> tuple[str, dict | None]:
+    """Execute the notebook with papermill; (status, error record): done, failed or interrupted."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        papermill.execute_notebook(
+            str(experiment.notebook), str(notebook_out),
+            parameters={**params, "run_dir": str(run_dir), "profile": profile},
+            kernel_name=KERNEL_NAME, cwd=str(root), progress_bar=False,
+            log_output=False, stdout_file=kernel_log, stderr_file=kernel_log,
+            request_save_on_cell_execute=True)
+        return "done", None
+    except PapermillExecutionError as exc:
+        return "failed", {"cell_index": exc.cell_index, "execution_count": exc.exec_count,
+                          "ename": exc.ename, "evalue": exc.evalue}
+    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM's _Terminated
+        return "interrupted", {"ename": type(exc).__name__, "evalue": str(exc) or "Ctrl-C"}
+    except Exception as exc:  # the kernel died, the notebook is unreadable, ...
+        return "failed", {"ename": type(exc).__name__, "evalue": str(exc)}
+
+
+def _finish(manifest: dict, run_dir: Path, notebook_out: Path, duration_s: float, report: ReportSteps | None,
+            root: Path, log) -> None:
+    """The final manifest (end, duration, test evaluations, summary, outputs), written once the
+    report steps that go into it ran; then the status page. A failing report step never hides the
+    run's status."""
+    manifest["ended"] = utc_now()
+    manifest["duration_s"] = duration_s
+    evaluations_file = run_dir / TEST_EVALUATIONS
+    if evaluations_file.is_file():
+        manifest["test_evaluations"] = json.loads(evaluations_file.read_text())
+    summary_file = run_dir / SUMMARY
+    if summary_file.is_file():
+        try:
+            manifest["summary"] = json.loads(summary_file.read_text())
+        except json.JSONDecodeError:
+            manifest["summary"] = None
+    if report is not None and notebook_out.is_file():
+        try:
+            manifest["report"] = os.path.relpath(report.render_run(run_dir, manifest), root)
+        except Exception as exc:  # a report that cannot render must not hide the run's status
+            manifest["report_error"] = f"{type(exc).__name__}: {exc}"
+    if report is not None and manifest["status"] == "done":
+        try:
+            report.publish_figures(run_dir, manifest)
+        except Exception as exc:
+            log(f"[seglab] warning: could not publish figures: {exc}")
+    manifest["outputs"] = output_records(run_dir)
+    io.write_json(run_dir / MANIFEST, manifest)
+    if report is not None:
+        try:
+            report.build_index()
+        except Exception as exc:
+            log(f"[seglab] warning: could not update reports/index.html: {exc}")
 
 
 def _in_main_thread() -> bool:
