@@ -107,6 +107,44 @@ def queued_jobs(experiment: str, profile: str, array_spec: dict | None) -> list[
     return [c for c in candidates if states.get(c["job_id"], {}).get("state") in ACTIVE_STATES]
 
 
+def _unmet_needs(e, profile: str, cluster: Cluster, planned: set, pending: dict, upstream_busy: list,
+                 check_queue: bool) -> list[str]:
+    """The notebooks ``e`` needs that are neither planned, queued nor done (a queued one is added
+    to ``pending`` and ``upstream_busy``), when one notebook is submitted without its upstream."""
+    missing = []
+    for n in e.needs:
+        if n in planned or n in pending:
+            continue
+        queued = queued_jobs(n, profile, cluster.array_grid(n, profile)) if check_queue else []
+        if queued:
+            pending[n] = [q["job_id"] for q in queued]
+            upstream_busy.append(n)
+        elif runs.latest_run(n, profile) is None:
+            missing.append(n)
+    return missing
+
+
+def _array_tasks_to_run(job: Job, grid: dict, tasks: list[dict], e, profile: str, redo: bool, root: Path) -> bool:
+    """Fill ``job``'s array tasks; the tasks with a done, up-to-date run are skipped unless ``redo``.
+    False when every task is done (nothing to submit)."""
+    job.grid = grid
+    job.tasks = [{"id": i, "overrides": o, "args": _task_args(o),
+                  "label": ", ".join(f"{k}={v}" for k, v in o.items())} for i, o in enumerate(tasks)]
+    todo = []
+    for t in job.tasks:
+        done = None if redo else done_run_for(e, profile, t["overrides"])
+        if done is None:
+            todo.append(t["id"])
+        else:
+            t["done_run"] = os.path.relpath(done, root)
+    if not todo:
+        return False
+    job.task_ids = todo
+    job.note = f"array of {len(tasks)} tasks" + (f", {len(tasks) - len(todo)} done and skipped"
+                                                 if len(todo) < len(tasks) else "")
+    return True
+
+
 def plan_chain(profile: str, targets: list[str] | None, cluster: Cluster, force: bool = False,
                grid_override: dict | None = None, upstream: bool = True,
                check_queue: bool = True, prepare_arrays: bool = True) -> Plan:
@@ -148,15 +186,7 @@ def plan_chain(profile: str, targets: list[str] | None, cluster: Cluster, force:
                 continue
         missing = []
         if targets and not upstream:   # one notebook: what it needs must be done or queued
-            for n in e.needs:
-                if n in planned or n in pending:
-                    continue
-                queued = queued_jobs(n, profile, cluster.array_grid(n, profile)) if check_queue else []
-                if queued:
-                    pending[n] = [q["job_id"] for q in queued]
-                    upstream_busy.append(n)
-                elif runs.latest_run(n, profile) is None:
-                    missing.append(n)
+            missing = _unmet_needs(e, profile, cluster, planned, pending, upstream_busy, check_queue)
         if missing:
             raise SeglabError(f"{e.name} needs {', '.join(missing)}, which has no finished run in profile "
                               f"'{profile}' and no job in the queue; submit it first or use "
@@ -167,23 +197,10 @@ def plan_chain(profile: str, targets: list[str] | None, cluster: Cluster, force:
                   needs=[n for n in e.needs if n in planned],
                   after=[j for n in e.needs for j in pending.get(n, [])])
         if tasks:
-            job.grid = grid
-            job.tasks = [{"id": i, "overrides": o, "args": _task_args(o),
-                          "label": ", ".join(f"{k}={v}" for k, v in o.items())} for i, o in enumerate(tasks)]
-            todo = []
-            for t in job.tasks:
-                done = None if (force or upstream_busy) else done_run_for(e, profile, t["overrides"])
-                if done is None:
-                    todo.append(t["id"])
-                else:
-                    t["done_run"] = os.path.relpath(done, root)
-            if not todo:
+            if not _array_tasks_to_run(job, grid, tasks, e, profile, force or bool(upstream_busy), root):
                 plan.skipped.append({"experiment": e.name, "reason": f"all {len(tasks)} array tasks done",
                                      "run_dir": None})
                 continue
-            job.task_ids = todo
-            job.note = f"array of {len(tasks)} tasks" + (f", {len(tasks) - len(todo)} done and skipped"
-                                                         if len(todo) < len(tasks) else "")
         else:
             if not force and not upstream_busy:
                 fresh = runs.is_up_to_date(e, profile)
