@@ -13,7 +13,7 @@ from statsmodels.stats.multitest import multipletests
 
 from seglab import SeglabError
 from seglab.downstream.cohort import ZERO_CELLS, donor_features, join_clinical
-from seglab.downstream.correlate import (analyse, bootstrap_replicates, compare_models, correlate, stability_summary,
+from seglab.downstream.correlate import (analyse, bootstrap_replicates, compare_segmentations, correlate, stability_summary,
                                          threshold_sensitivity)
 from seglab.downstream.features import SENSITIVITY_PERCENTILES, at_percentile, measure_tile, tile_features, tile_table
 from seglab.downstream.synthetic import synthetic_tile_table
@@ -373,7 +373,7 @@ def test_bootstrap_seeded_and_stability_summary(cohort_tables):
     assert s.loc[0, "rho_ci_low"] == pytest.approx(np.percentile([0.5, 0.2, 0.4], 25))
 
 
-def test_threshold_sensitivity_and_compare_models():
+def test_threshold_sensitivity_and_compare_segmentations():
     man, images = _manifest_and_images(seed=2, n_donors=6, tiles=2)
     load_marker = lambda r: images[r.tile_id][1]  # noqa: E731
     truth = tile_table(man, load_mask=lambda r: images[r.tile_id][0], load_marker=load_marker)
@@ -389,7 +389,7 @@ def test_threshold_sensitivity_and_compare_models():
     at75 = sens[sens.percentile == 75].drop(columns="percentile").reset_index(drop=True)
     direct = analyse(truth, clin, ["braaksc", "gpath"], B=50, seed=0).correlations
     pd.testing.assert_frame_equal(at75, direct)
-    cmp = compare_models({"truth": truth, "model": model, "same": truth.copy()}, clin, ["braaksc", "gpath"],
+    cmp = compare_segmentations({"truth": truth, "model": model, "same": truth.copy()}, clin, ["braaksc", "gpath"],
                          truth="truth", B=50, seed=0)
     side = cmp["side_by_side"]
     np.testing.assert_array_equal(side["rho_same"], side["rho_truth"])
@@ -400,7 +400,7 @@ def test_threshold_sensitivity_and_compare_models():
     assert (agree.xs("same")["median_abs_rel_error"] == 0).all()
     assert (agree.xs("model").loc[("gfap", "total_per_mpx"), "rho_vs_truth"]) > 0.5
     with pytest.raises(SeglabError, match="different tiles"):
-        compare_models({"truth": truth, "model": model.iloc[1:]}, clin, ["braaksc"], B=0)
+        compare_segmentations({"truth": truth, "model": model.iloc[1:]}, clin, ["braaksc"], B=0)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -450,7 +450,7 @@ def test_plots_draw_headless_and_mark_significance(cohort_tables, tmp_path):
     img_tiles = tile_table(man, load_mask=lambda r: images[r.tile_id][0], load_marker=lambda r: images[r.tile_id][1])
     img_clin = pd.DataFrame({"projid": np.arange(100, 106), "braaksc": [0, 1, 2, 3, 4, 5.0]})
     sens = threshold_sensitivity(img_tiles, img_clin, ["braaksc"], B=0)
-    cmp = compare_models({"a": tiles, "b": tiles.copy()}, clin, outs, truth="a", B=20, seed=0)
+    cmp = compare_segmentations({"a": tiles, "b": tiles.copy()}, clin, outs, truth="a", B=20, seed=0)
     for f in (pdn.stability_plot(a.correlations), pdn.sensitivity_plot(sens),
               pdn.compare_heatmaps(cmp["side_by_side"], ["a", "b"]), pdn.recovery_bars(cmp["recovery"])):
         f.savefig(tmp_path / "f.png")

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from seglab.downstream.cohort import OUTCOMES, donor_features
-from seglab.downstream.correlate import analyse, compare_models
+from seglab.downstream.correlate import analyse, compare_segmentations
 from seglab.downstream.features import tile_table
 
 ALPHA = 0.05
@@ -97,7 +97,7 @@ def test_null_markers_stay_at_the_declared_rate(planted):
     assert (lat["rho"].abs() < 0.5).all()
 
 
-def test_compare_models_on_the_simulated_cohort(planted, tmp_path):
+def test_compare_segmentations_on_the_simulated_cohort(planted, tmp_path):
     """A degraded "model" (every nucleus dilated by 2 px, so it picks up its neighbours' marker signal)
     against the ground-truth masks: side by side, paired bootstrap, recovery of the truth's calls."""
     from scipy import ndimage
@@ -114,7 +114,7 @@ def test_compare_models_on_the_simulated_cohort(planted, tmp_path):
 
     model = tile_table(manifest, load_mask=dilated)
     outs = ["braaksc", "gpath", "latent_score"]
-    cmp = compare_models({"truth": tiles, "dilated": model, "copy": tiles.copy()}, planted["clinical"], outs,
+    cmp = compare_segmentations({"truth": tiles, "dilated": model, "copy": tiles.copy()}, planted["clinical"], outs,
                          truth="truth", B=50, seed=0)
     rec = cmp["recovery"].set_index("model")
     assert rec.loc["copy", "recovered"] == 1.0 and rec.loc["copy", "false_calls"] == 0.0

@@ -530,7 +530,7 @@ def _versus_truth(analyses: Mapping[str, Analysis], truth: str,
     return pd.DataFrame(agree), pd.DataFrame(rec)
 
 
-def compare_models(
+def compare_segmentations(
     tiles_by_model: Mapping[str, pd.DataFrame],
     clinical: pd.DataFrame,
     outcomes: Sequence[str] | None = None,
@@ -561,7 +561,7 @@ def compare_models(
         the truth does not call (false calls).
     """
     if len(tiles_by_model) < 2:
-        raise SeglabError("compare_models needs at least two models' tile tables")
+        raise SeglabError("compare_segmentations needs at least two models' tile tables")
     if truth is not None and truth not in tiles_by_model:
         raise SeglabError(f"truth={truth!r} is not one of the models {list(tiles_by_model)}")
     _check_same_tiles(tiles_by_model)

@@ -9,7 +9,7 @@ The downstream chain (``seglab.downstream``), one function per arrow::
     Cohort                       --correlate-->                     n, rho, p, q      correlate
     tile table + clinical        --analyse-->                       + bootstrap       correlate
     tile table + clinical        --threshold_sensitivity-->         per percentile    correlate
-    {model: tile table}          --compare_models-->                side by side      correlate
+    {model: tile table}          --compare_segmentations-->                side by side      correlate
 
 (:mod:`seglab.downstream.synthetic` makes tile and clinical tables with planted effects
 without images, for tests and benchmarks.)

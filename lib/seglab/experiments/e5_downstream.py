@@ -44,7 +44,7 @@ from seglab.config.settings import MaskSettings
 from seglab.core import io, paths
 from seglab.data import manifest as data_manifest
 from seglab.downstream import planted as planted_truth
-from seglab.downstream.correlate import Analysis, compare_models, threshold_sensitivity
+from seglab.downstream.correlate import Analysis, compare_segmentations, threshold_sensitivity
 from seglab.downstream.features import tile_table
 from seglab.experiments.items import Item, finetune_key, reference_generic
 from seglab.plots import downstream as plots_downstream
@@ -297,7 +297,7 @@ def planted_effects(params: dict) -> dict | None:
 
 @dataclass
 class Correlations:
-    """Every model's analysis on the same tiles (:func:`seglab.downstream.correlate.compare_models`).
+    """Every model's analysis on the same tiles (:func:`seglab.downstream.correlate.compare_segmentations`).
 
     Attributes
     ----------
@@ -351,7 +351,7 @@ class Correlations:
 def correlations(counts: TileCounts, clinical: pd.DataFrame, params: dict) -> Correlations:
     """Donor features, Spearman per marker x feature x outcome, BH q over each model's tests and
     ``bootstrap_B`` paired resamples, for truth and both models (see :class:`Correlations`)."""
-    cmp = compare_models({m: counts.tables[m] for m in counts.models}, clinical, params["outcomes"],
+    cmp = compare_segmentations({m: counts.tables[m] for m in counts.models}, clinical, params["outcomes"],
                          truth=TRUTH if counts.has_truth else None, features=params["features"],
                          B=params["bootstrap_B"], seed=params["seed"], alpha=params["alpha"])
     return Correlations(analyses=cmp["analyses"], side_by_side=cmp["side_by_side"],
@@ -483,7 +483,7 @@ def inference_numbers(predictions: Mapping[str, CohortPrediction]) -> dict:
 
 
 def truth_call_numbers(recovery: pd.DataFrame) -> dict:
-    """truth_calls_recovered_<model> and false_calls_vs_truth_<model> of compare_models' recovery table."""
+    """truth_calls_recovered_<model> and false_calls_vs_truth_<model> of compare_segmentations' recovery table."""
     rec = recovery.set_index("model")
     out = {}
     for m in MODELS:

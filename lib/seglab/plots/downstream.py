@@ -2,7 +2,7 @@
 
 They take the tables of :mod:`seglab.downstream.correlate`: ``Analysis.correlations``,
 :func:`~seglab.downstream.correlate.threshold_sensitivity` and
-:func:`~seglab.downstream.correlate.compare_models`'s ``side_by_side``; and the tables of
+:func:`~seglab.downstream.correlate.compare_segmentations`'s ``side_by_side``; and the tables of
 :mod:`seglab.downstream.planted` (count agreement, planted-effect recovery).
 """
 
