@@ -180,3 +180,13 @@ def test_generalist_sees_dapi_only():
     a = g.segment(img[None], MaskSettings(diameter_px=16))
     assert a.max() == 3
     assert np.array_equal(a, g.segment(np.stack([img, noise]), MaskSettings(diameter_px=16)))
+
+
+def test_equal_weights_give_equal_checkpoint_bytes_and_so_one_model_id(tmp_path):
+    """torch.save to a path records the file's (temporary) name: saved through a buffer, a retrained model
+    with the same weights is the same file, the same model_id, the same cache entries."""
+    m = models.load("tiny-xs", gpu=False)
+    a = models.save_checkpoint(m.net, tmp_path / "a" / "model.pt", {"base_spec": "tiny-xs"})
+    b = models.save_checkpoint(m.net, tmp_path / "b" / "model.pt", {"base_spec": "tiny-xs"})
+    assert a.read_bytes() == b.read_bytes() and models.model_id(str(a)) == models.model_id(str(b))
+    assert models.load_checkpoint(b).arch == "tiny_unet"

@@ -35,6 +35,7 @@ import logging
 import os
 import subprocess
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -739,8 +740,11 @@ def save_checkpoint(net, path: str | os.PathLike, meta: dict) -> Path:
     p = Path(path)
     state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
              for k, v in net.state_dict().items()}
-    with io.atomic_path(p) as tmp:
-        torch.save(state, tmp)
+    # saved through a buffer: torch.save to a path records the (temporary) file's name in the zip,
+    # so equal weights gave files with other bytes and another model_id on every save
+    buffer = BytesIO()
+    torch.save(state, buffer)
+    io.write_bytes(p, buffer.getvalue())
     full = dict(meta)
     arch = getattr(net, "backbone", None)
     full.update({
