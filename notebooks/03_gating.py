@@ -133,7 +133,7 @@ sweep.selected_table.round(3)
 
 # %%
 gated = e3.test_before_after(tiles.test, preds, sweep.selected, space, run.record_test_evaluation)
-e3.save_tables(run, gated.tables())
+run.save_outputs(gated.tables())
 gated.shown().round(3)
 
 # %%

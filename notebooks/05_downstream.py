@@ -111,7 +111,7 @@ models_table
 
 # %%
 predictions = e5.predict_all(run.params)
-e5.save_outputs(run, e5.inference_outputs(run.params, predictions))
+run.save_outputs(e5.inference_outputs(run.params, predictions))
 e5.inference_table(predictions)
 
 # %% [markdown]
@@ -128,7 +128,7 @@ e5.inference_table(predictions)
 # %%
 counts = e5.tile_counts(run.params, predictions)
 count_outputs = counts.outputs()
-e5.save_outputs(run, count_outputs)
+run.save_outputs(count_outputs)
 print(counts.describe(run.params))
 display(counts.totals())
 display(*e5.figures(count_outputs))
@@ -148,17 +148,17 @@ display(*e5.figures(count_outputs))
 # %%
 clinical = e5.clinical_table(run.params)
 corr = e5.correlations(counts, clinical, run.params)
-e5.save_outputs(run, corr.outputs())
+run.save_outputs(corr.outputs())
 corr.overview()
 
 # %%
 heatmaps = corr.heatmaps(run.params)
-e5.save_outputs(run, heatmaps)
+run.save_outputs(heatmaps)
 display(*heatmaps.values())
 
 # %%
 stability = corr.stability(run.params)
-e5.save_outputs(run, stability)
+run.save_outputs(stability)
 display(*stability.values())
 
 # %% [markdown]
@@ -172,7 +172,7 @@ display(*stability.values())
 # %%
 sens = e5.sensitivity(counts, clinical, run.params)
 sens_outputs = sens.outputs()
-e5.save_outputs(run, sens_outputs)
+run.save_outputs(sens_outputs)
 display(*e5.figures(sens_outputs))
 sens.significant_by_percentile()
 
@@ -196,7 +196,7 @@ sens.significant_by_percentile()
 truth = e5.planted_effects(run.params)
 recovery = e5.planted(truth, corr, sens, clinical, counts, run.params)
 recovery_outputs = recovery.outputs() if recovery is not None else {}
-e5.save_outputs(run, recovery_outputs)
+run.save_outputs(recovery_outputs)
 display(*e5.figures(recovery_outputs))
 recovery.per_model.round(3) if recovery is not None else "no truth.json: real tiles, no planted effects to recover"
 

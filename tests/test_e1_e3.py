@@ -3,6 +3,8 @@ evaluations are recorded, the tables the notebooks show and the headline numbers
 
 from __future__ import annotations
 
+import json
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -265,13 +267,16 @@ def test_test_before_after_records_twice_per_model_and_counts_what_the_gate_remo
     assert len(plots.plot_gate_before_after(result.before_after).axes) == 3
 
 
-def test_save_tables_writes_each_table_under_its_name(tmp_path):
+def test_run_save_outputs_writes_each_kind_under_its_name(tmp_path):
+    """The one way a step's outputs reach the run folder (E3's tables, E5's tables, figures and JSON)."""
+    from seglab.plots.base import new_figure
     from seglab.workflow.runs import RunContext
 
     run = RunContext("03_gating", tmp_path, "smoke")
-    written = e3.save_tables(run, {"a.csv": pd.DataFrame({"x": [1]}), "b.csv": pd.DataFrame({"y": [2]})})
-    assert [p.name for p in written] == ["a.csv", "b.csv"]
-    assert pd.read_csv(tmp_path / "b.csv")["y"].tolist() == [2]
+    written = run.save_outputs({"a.csv": pd.DataFrame({"x": [1]}), "b.png": new_figure((1, 1)), "c.json": {"k": 2}})
+    assert written == [tmp_path / "a.csv", tmp_path / "figures" / "b.png", tmp_path / "c.json"]
+    assert pd.read_csv(tmp_path / "a.csv")["x"].tolist() == [1] and (tmp_path / "figures" / "b.png").stat().st_size
+    assert json.loads((tmp_path / "c.json").read_text()) == {"k": 2}
 
 
 def test_e3_figures():

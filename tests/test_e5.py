@@ -129,31 +129,6 @@ def test_significant_tests_per_percentile_and_model():
     assert sig.to_numpy().tolist() == [[1, 1], [1, 0]]
 
 
-def test_save_outputs_writes_each_kind_by_its_name():
-    class Run:
-        def __init__(self):
-            self.calls = []
-
-        def save_table(self, df, name):
-            self.calls.append(("table", name))
-            return Path(name)
-
-        def save_figure(self, fig, name):
-            self.calls.append(("figure", name))
-            return Path(name)
-
-        def save_json(self, obj, name):
-            self.calls.append(("json", name))
-            return Path(name)
-
-    from seglab.plots.base import new_figure
-
-    run = Run()
-    written = e5.save_outputs(run, {"a.csv": pd.DataFrame(), "b.png": new_figure((1, 1)), "c.json": {"x": 1}})
-    assert run.calls == [("table", "a.csv"), ("figure", "b.png"), ("json", "c.json")]
-    assert written == [Path("a.csv"), Path("b.png"), Path("c.json")]
-
-
 def _params(cohort_dir, tmp_path, **changes) -> dict:
     params = load_params("05_downstream", "demo")[0]
     return {**params, "cohort_dir": str(cohort_dir), "predictions_dir": str(tmp_path / "predictions"),

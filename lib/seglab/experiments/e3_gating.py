@@ -223,11 +223,6 @@ def test_before_after(test: splitset.SplitSet, preds: dict, selected: dict[str, 
                     decisions=decisions, gated=gated)
 
 
-def save_tables(run, tables: dict[str, pd.DataFrame]) -> list[Path]:
-    """Each table into the run folder under its file name (``run.save_table``)."""
-    return [run.save_table(table, name) for name, table in tables.items()]
-
-
 # --------------------------------------------------------------------------- 6. headline numbers
 
 

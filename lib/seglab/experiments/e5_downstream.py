@@ -10,7 +10,7 @@ analysis is repeated over positivity thresholds, and on a simulated cohort each
 model's calls are scored against the effects ``truth.json`` planted.
 
 The steps, in the notebook's order (each returns tables and what the figures need;
-a result's ``outputs()`` names the files the run folder keeps, :func:`save_outputs`
+a result's ``outputs()`` names the files the run folder keeps, ``run.save_outputs``
 writes them)::
 
     model_table(params)              the two models, identified by their weights   models.json
@@ -57,20 +57,6 @@ TRUTH = "truth"                      # the ground-truth masks, analysed like a m
 
 
 # --------------------------------------------------------------------------- run outputs
-
-
-def save_outputs(run, outputs: Mapping[str, object]) -> list[Path]:
-    """Write each output of a step into the run folder by its file name: a DataFrame as a table
-    (.csv / .tsv), a matplotlib Figure as a PNG under ``figures/``, anything else as JSON."""
-    written = []
-    for name, obj in outputs.items():
-        if isinstance(obj, pd.DataFrame):
-            written.append(run.save_table(obj, name))
-        elif hasattr(obj, "savefig"):
-            written.append(run.save_figure(obj, name))
-        else:
-            written.append(run.save_json(obj, name))
-    return written
 
 
 def figures(outputs: Mapping[str, object]) -> list:

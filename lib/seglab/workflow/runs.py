@@ -511,6 +511,21 @@ class RunContext:
             fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=target.suffix.lstrip("."))
         return target
 
+    def save_outputs(self, outputs: dict) -> list[Path]:
+        """Each of a step's outputs under its file name: a DataFrame as a table (.csv / .tsv), a
+        matplotlib Figure as a PNG under ``figures/``, anything else as JSON. Returns the paths."""
+        import pandas as pd
+
+        written = []
+        for name, obj in outputs.items():
+            if isinstance(obj, pd.DataFrame):
+                written.append(self.save_table(obj, name))
+            elif hasattr(obj, "savefig"):
+                written.append(self.save_figure(obj, name))
+            else:
+                written.append(self.save_json(obj, name))
+        return written
+
     def record_test_evaluation(self, selected: str, config: dict, split: str = "test") -> dict:
         """Declare that ``split`` is evaluated now for the configuration ``selected``, once.
 
