@@ -1,4 +1,13 @@
-"""TODO docstring"""
+"""Worker processes and torch threads: the one process pool of the library.
+
+Fine-tunes (:mod:`seglab.segment.finetuning`), network passes (:mod:`seglab.segment.output_cache`)
+and inference shards (:mod:`seglab.segment.cohort_prediction`) run several at a time in
+:func:`worker_pool`: spawned processes (no fork of a process holding torch threads), each with the
+project root and a given number of torch threads. On the 2-core demo machine two one-thread
+workers do about twice the work of one two-thread process. The thread count also decides a CPU
+fine-tune's weights (float sums in another order): everything that trains uses the notebook's
+``torch_threads`` (docs/troubleshooting.md).
+"""
 
 from __future__ import annotations
 
