@@ -32,7 +32,12 @@ naming the schema and the blocks there are. Blocks do not include others.
 A profile folder may hold ``defaults.yaml``: values shared by several
 notebooks; each notebook takes the keys its schema declares. A key in
 ``defaults.yaml`` that no schema declares is an error too (a typo there would
-otherwise be ignored silently).
+otherwise be ignored silently). Each profile has a file for every notebook of the chain
+(``params/<profile>/<NN_name>.yaml``); a missing one is refused as missing, with the command that
+copies it from another profile.
+
+Every error names the file that holds the bad key: ``defaults.yaml``, the notebook's own file, or
+the command line (``seglab run NN --set key=value``), see :func:`resolve_params`.
 """
 
 from __future__ import annotations
@@ -80,12 +85,18 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping from ``path`` (empty file -> {}), with file and line in every error."""
+    """A YAML mapping from ``path`` (empty file -> {}), with file and line in every error (one line each)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:   # a file saved as Latin-1 / Windows-1252 by an editor
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ParamsError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#x} on line {line}); "
+                          "save the file as UTF-8") from None
+    except OSError as exc:   # a folder, no permission, an I/O error
+        raise ParamsError(f"{path}: cannot be read ({exc.strerror or exc}); check the path") from None
     try:
         loader = _UniqueKeyLoader(text)
         loader.name = str(path)
@@ -94,12 +105,22 @@ def read_yaml(path: str | Path) -> dict:
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        raise ParamsError(f"{path}: not valid YAML{_yaml_place(exc)}; fix the syntax there") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
     return data
+
+
+def _yaml_place(exc: yaml.YAMLError) -> str:
+    """`` at line L, column C: problem (context)`` of a YAML error, on one line (PyYAML's own text
+    spans several lines with a caret drawing, which the one-line error would cut apart)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
 
 
 @dataclass(frozen=True)
@@ -304,23 +325,26 @@ def _check_value(spec: Spec, value, source) -> Any:
     return out
 
 
-def validate(raw: dict, schema: Schema, source: str | Path) -> dict:
+def validate(raw: dict, schema: Schema, source: str | Path, origin: dict | None = None) -> dict:
     """Check ``raw`` against ``schema``; return a new dict with defaults filled in.
 
-    Raises ParamsError naming ``source``, the key and the allowed keys, type or range.
+    ``origin`` maps a key to the file (or "command-line override") its value came from; an
+    error about that key names it, any other error names ``source`` (the notebook's own file).
+    Raises ParamsError naming the file, the key and the allowed keys, type or range.
     """
+    origin = origin or {}
     unknown = [k for k in raw if k not in schema.specs]
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), list(schema.specs), n=1)
         raise ParamsError(
-            f"{source}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+            f"{origin.get(key, source)}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
             + f"; allowed keys for {schema.name}: {', '.join(sorted(schema.specs))} "
             f"(schema: {schema.source})")
     out = {}
     for key, spec in schema.specs.items():
         if key in raw:
-            out[key] = _check_value(spec, raw[key], source)
+            out[key] = _check_value(spec, raw[key], origin.get(key, source))
         elif spec.required:
             raise ParamsError(f"{source}: key '{key}' is required ({spec.describe()})"
                               + (f"; {spec.help}" if spec.help else ""))
@@ -335,21 +359,68 @@ def all_schemas(root: Path | None = None) -> dict[str, Schema]:
             if not p.stem.startswith("_")}
 
 
-def load_params(name: str, profile: str, overrides: dict | None = None,
-                root: Path | None = None) -> tuple[dict, list[Path]]:
-    """Resolved, validated params of notebook ``name`` in ``profile``.
+OVERRIDE = "command-line override"   # where a value given with ``--set key=value`` came from
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The validated params of one notebook in one profile, and where each value came from.
+
+    params : key -> value (schema defaults filled in).
+    sources : the params files read (defaults.yaml, then the notebook's own file).
+    origin : key -> the file that set it, or :data:`OVERRIDE`; keys at their schema default are absent.
+    own_file : ``params/<profile>/<name>.yaml``, where a key left at its default would be set.
+    """
+
+    params: dict
+    sources: list[Path]
+    origin: dict
+    own_file: Path
+
+    def where(self, key: str) -> str:
+        """The file to name in an error about ``key``: the one that set it, else the notebook's own
+        file (the key is not set there: the schema's default is used)."""
+        if key in self.origin:
+            return str(self.origin[key])
+        return f"{self.own_file} (key '{key}' not set there: the schema default {self.params.get(key)!r} is used)"
+
+
+def _profiles(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "params").iterdir() if p.is_dir() and p.name != "schema")
+
+
+def _missing_file(own: Path, name: str, profile: str, schema: Schema, root: Path) -> ParamsError:
+    """The error for a profile without ``<name>.yaml``: the file named as missing, with the copy
+    command (from the demo profile when it has the file, else from another profile)."""
+    having = [p for p in _profiles(root) if p != profile and (root / "params" / p / f"{name}.yaml").is_file()]
+    required = [k for k, s in schema.specs.items() if s.required]
+    need = f" (its required keys: {', '.join(required)})" if required else ""
+    if having:
+        src = "demo" if "demo" in having else having[0]
+        fix = (f"copy it from another profile and edit it: `cp params/{src}/{name}.yaml params/{profile}/` "
+               f"(profiles with it: {', '.join(having)})")
+    else:
+        fix = f"write it with the keys of {schema.source}"
+    return ParamsError(f"{own}: file missing: profile '{profile}' has no params for notebook {name}{need}; {fix}")
+
+
+def resolve_params(name: str, profile: str, overrides: dict | None = None,
+                   root: Path | None = None) -> Resolved:
+    """Resolved, validated params of notebook ``name`` in ``profile``, with each value's file.
 
     Precedence: schema defaults < ``params/<profile>/defaults.yaml`` (keys this
-    schema declares) < ``params/<profile>/<name>.yaml`` < ``overrides``.
-    Returns (params, the files read).
+    schema declares) < ``params/<profile>/<name>.yaml`` < ``overrides``. Every
+    error names the file that holds the bad key (see :class:`Resolved`); a
+    profile without ``<name>.yaml`` is refused with the copy command.
     """
     root = root or paths.project_root()
     profile_dir = root / "params" / profile
     if not profile_dir.is_dir():
-        known = sorted(p.name for p in (root / "params").iterdir() if p.is_dir() and p.name != "schema")
-        raise ParamsError(f"profile '{profile}' not found: no folder {profile_dir}; profiles: {', '.join(known)}")
+        raise ParamsError(f"profile '{profile}' not found: no folder {profile_dir}; profiles: "
+                          f"{', '.join(_profiles(root))}")
     schema = load_schema(name, root)
     merged: dict = {}
+    origin: dict = {}
     sources: list[Path] = []
     defaults_file = profile_dir / "defaults.yaml"
     if defaults_file.is_file():
@@ -361,17 +432,30 @@ def load_params(name: str, profile: str, overrides: dict | None = None,
             raise ParamsError(f"{defaults_file}: unknown key '{stray[0]}'"
                               + (f" (did you mean '{close[0]}'?)" if close else "")
                               + f"; no notebook's schema declares it; declared keys: {', '.join(sorted(declared))}")
-        merged.update({k: v for k, v in defaults.items() if k in schema.specs})
+        mine = {k: v for k, v in defaults.items() if k in schema.specs}
+        merged.update(mine)
+        origin.update(dict.fromkeys(mine, defaults_file))
         sources.append(defaults_file)
     own = profile_dir / f"{name}.yaml"
-    if own.is_file():
-        merged.update(read_yaml(own))
-        sources.append(own)
-    source = own if own.is_file() else profile_dir
-    params = validate(merged, schema, source)
+    if not own.is_file():
+        raise _missing_file(own, name, profile, schema, root)
+    given = read_yaml(own)
+    merged.update(given)
+    origin.update(dict.fromkeys(given, own))
+    sources.append(own)
+    params = validate(merged, schema, own, origin)
     if overrides:
-        params = validate({**params, **overrides}, schema, "command-line override")
-    return params, sources
+        origin.update(dict.fromkeys(overrides, OVERRIDE))
+        params = validate({**params, **overrides}, schema, OVERRIDE, origin)
+    return Resolved(params=params, sources=sources, origin=origin, own_file=own)
+
+
+def load_params(name: str, profile: str, overrides: dict | None = None,
+                root: Path | None = None) -> tuple[dict, list[Path]]:
+    """Resolved, validated params of notebook ``name`` in ``profile``: (params, the files read).
+    See :func:`resolve_params` (which also says where each value came from)."""
+    resolved = resolve_params(name, profile, overrides, root)
+    return resolved.params, resolved.sources
 
 
 def shared_params(profile: str, block: str = "_shared", root: Path | None = None) -> dict:
@@ -385,8 +469,8 @@ def shared_params(profile: str, block: str = "_shared", root: Path | None = None
     specs = {k: _spec(k, s, path) for k, s in read_yaml(path).items()}
     defaults_file = root / "params" / profile / "defaults.yaml"
     if not defaults_file.parent.is_dir():
-        known = sorted(p.name for p in (root / "params").iterdir() if p.is_dir() and p.name != "schema")
-        raise ParamsError(f"profile '{profile}' not found: no folder {defaults_file.parent}; profiles: {', '.join(known)}")
+        raise ParamsError(f"profile '{profile}' not found: no folder {defaults_file.parent}; profiles: "
+                          f"{', '.join(_profiles(root))}")
     given = read_yaml(defaults_file) if defaults_file.is_file() else {}
     return validate({k: v for k, v in given.items() if k in specs}, Schema(block, path, specs), defaults_file)
 
