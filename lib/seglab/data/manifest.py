@@ -460,9 +460,22 @@ def discover(tiles_dir: str | os.PathLike, masks_dir: str | os.PathLike | None =
     return manifest, audit
 
 
+def _one_plane(shape: tuple) -> tuple | None:
+    """(Y, X) of a TIFF shape that is one 2-D plane (leading axes of length 1 allowed: the loaders drop
+    them, :func:`_plane`), else None (a stack, a time series, RGB samples)."""
+    return tuple(shape[-2:]) if len(shape) >= 2 and all(s == 1 for s in shape[:-2]) else None
+
+
 def _check_tile_files(row: dict) -> None:
+    """The audit of one tile's files from their TIFF headers: each channel one 2-D plane, both of one
+    shape; the mask integer and one plane of the image's (Y, X), as :func:`load_tile` and
+    :func:`load_mask` will read them. Raises SeglabError naming the file and the fix."""
     shape_d, dtype_d = tiff_info(row["dapi_path"])
     shape_m, _ = tiff_info(row["marker_path"])
+    for path, shape in ((row["dapi_path"], shape_d), (row["marker_path"], shape_m)):
+        if _one_plane(shape) is None:
+            raise SeglabError(f"{path}: expected one 2-D channel (Y, X), got shape {shape}; "
+                              f"save each channel of a tile as its own single-plane TIFF")
     if shape_d != shape_m:
         raise SeglabError(f"{row['marker_path']}: marker channel shape {shape_m} differs from the DAPI channel "
                           f"{row['dapi_path']} {shape_d}; both channels of a tile must match")
@@ -471,8 +484,14 @@ def _check_tile_files(row: dict) -> None:
         if not np.issubdtype(dtype_k, np.integer):
             raise SeglabError(f"{row['mask_path']}: mask pixel type is {dtype_k}; instance labels must be integers "
                               f"(0 = background): save the label image as uint16/uint32")
-        if shape_k[-2:] != shape_d[-2:]:
-            raise SeglabError(f"{row['mask_path']}: mask shape {shape_k} differs from its image {shape_d}")
+        # ndim first: a (Z, Y, X) mask has its image's last two axes and would pass a (Y, X) comparison
+        if _one_plane(shape_k) is None:
+            raise SeglabError(f"{row['mask_path']}: mask shape {shape_k} is not one 2-D plane of its image's shape "
+                              f"{_one_plane(shape_d)} ({row['dapi_path']}); save the mask as one (Y, X) label "
+                              f"image of the tile's size")
+        if _one_plane(shape_k) != _one_plane(shape_d):
+            raise SeglabError(f"{row['mask_path']}: mask shape {shape_k} differs from its image {shape_d}; "
+                              f"the mask must be one (Y, X) label image of the tile's size")
 
 
 def coverage_audit(manifest: pd.DataFrame, clinical=None, id_column: str = "projid") -> dict:
