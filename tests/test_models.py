@@ -51,6 +51,32 @@ def test_cpsam_truncated_file_is_a_clear_error(tmp_path, monkeypatch):
         models.load("cpsam_v2", gpu=False)
 
 
+def test_cpsam_name_on_another_architecture_is_refused_before_loading(tmp_path, monkeypatch):
+    # a cellpose-4 style tiny net (it has a W2 entry) saved under the name cpsam: cellpose's own
+    # loader (strict=False) would leave Cellpose-SAM's 305 M parameters at random values
+    net = models.build_tiny_net(models.TINY_PRESETS["xs"])
+    torch.save(net.state_dict(), tmp_path / "cpsam")
+    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path))
+    with pytest.raises(SeglabError, match=r"another architecture, not Cellpose-SAM's .*tensors missing") as exc:
+        models.load("cpsam", gpu=False)
+    assert str(tmp_path / "cpsam") in str(exc.value)
+
+
+def test_a_gpu_requested_where_torch_sees_none_fails_at_the_first_load(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("SEGLAB_DEVICE", "cuda")
+    for spec in ("tiny-xs", "generalist", "cpsam-random"):
+        with pytest.raises(SeglabError, match="SEGLAB_DEVICE=cuda but torch sees no CUDA GPU.*nvidia-smi"):
+            models.load(spec)
+    with pytest.raises(SeglabError, match="gpu=True but torch sees no CUDA GPU"):
+        models.load("tiny-xs", gpu=True)
+    monkeypatch.setenv("SEGLAB_DEVICE", "cpu")
+    assert models.load("tiny-xs").device.type == "cpu"
+    monkeypatch.setenv("SEGLAB_DEVICE", "gpu0")
+    with pytest.raises(SeglabError, match="SEGLAB_DEVICE='gpu0': use one of auto, cpu, cuda"):
+        models.load("tiny-xs")
+
+
 def test_tiny_under_cellpose_eval_shapes_and_dtypes():
     m = models.load("tiny-xs", gpu=False)
     assert m.net.backbone == "tiny_unet" and models.n_parameters(m.net) < 200_000

@@ -180,6 +180,11 @@ def test_submit_all_dry_run_plans_prepare_arrays_before_their_notebooks(project)
     assert "#SBATCH --array=0-2%2" in out and "#SBATCH --array=0-1%2" in out and "#SBATCH --gres=gpu:1" in out
     script_02 = out[out.index("# ---- 02_label_efficiency.prepare.sbatch"):out.index("# ---- 02_label_efficiency.sbatch")]
     assert "#SBATCH --cpus-per-task=3" in script_02 and "02_label_efficiency.prepare-%A_%a.out" in script_02
+    # a job that asks for GPUs requires one (a node whose GPU torch cannot see fails at the first model
+    # load, see models.requested_device); a CPU job leaves the choice to torch
+    assert "export SEGLAB_DEVICE=cuda" in script_02   # prepare: {gpus: 1}
+    notebook_02 = out[out.index("# ---- 02_label_efficiency.sbatch"):].split("# ---- ")[1]
+    assert "--gres" not in notebook_02 and "SEGLAB_DEVICE" not in notebook_02
     assert "seglab prepare 06_leave_one_marker_out --profile tiny --all" in out
     assert not (project / "runs" / "_slurm").exists()
     # a prepare entry with an array grid, or a stage of an unknown notebook, is refused in cluster.yaml

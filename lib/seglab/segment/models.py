@@ -462,13 +462,36 @@ def cpsam_path(name: str) -> Path:
     return (Path(base) if base else Path.home() / ".cellpose" / "models") / name
 
 
+DEVICE_ENV = "SEGLAB_DEVICE"
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def requested_device() -> str:
+    """The device asked for in ``$SEGLAB_DEVICE``: ``auto`` (default: CUDA when torch sees it),
+    ``cpu`` or ``cuda`` (a GPU is required: the Slurm scripts of jobs that ask for GPUs set it, so
+    a job placed on a node whose GPU torch cannot see fails at its first model load instead of
+    running for days on the CPU)."""
+    value = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
+    if value not in DEVICE_CHOICES:
+        raise SeglabError(f"{DEVICE_ENV}={value!r}: use one of {', '.join(DEVICE_CHOICES)}")
+    return value
+
+
 def _gpu_device(gpu):
+    """torch device for ``gpu`` (True: CUDA required; False: CPU; None: ``$SEGLAB_DEVICE``, whose
+    default is CUDA when available)."""
     import torch  # deferred: importing torch + cellpose costs seconds
 
+    why = "gpu=True"
     if gpu is None:
-        gpu = torch.cuda.is_available()
+        asked = requested_device()
+        gpu = torch.cuda.is_available() if asked == "auto" else asked == "cuda"
+        why = f"{DEVICE_ENV}=cuda"
     if gpu and not torch.cuda.is_available():
-        raise SeglabError("gpu=True but torch sees no CUDA GPU; run on a GPU node or pass gpu=False")
+        raise SeglabError(f"{why} but torch sees no CUDA GPU (torch {torch.__version__}, CUDA build "
+                          f"{torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+                          "run on a GPU node (check `nvidia-smi` there and the job's --gres), or run on the CPU "
+                          f"with {DEVICE_ENV}=cpu / seglab predict --cpu")
     return torch.device("cuda") if gpu else torch.device("cpu")
 
 
@@ -634,6 +657,7 @@ def _load_cpsam(name: str, gpu) -> Model:
     from cellpose.models import CellposeModel
 
     device = _gpu_device(gpu)
+    _check_cpsam_keys(name, path)
     try:
         with quiet_cellpose():
             cp = CellposeModel(pretrained_model=str(path), device=device,
@@ -642,7 +666,42 @@ def _load_cpsam(name: str, gpu) -> Model:
         raise SeglabError(f"model '{name}': {path} could not be loaded ({exc}); the file is probably "
                           "truncated: delete it and fetch it again") from None
     return Model(spec=name, kind="cellpose", arch="cpsam", cp=cp, bsize=256, default_diameter=DIAMETER_NATIVE,
-                 meta={"arch": "cpsam", "weights": str(path)})
+                 meta={"arch": "cpsam", "weights": str(path), "weights_sha256": weights_sha256(path)})
+
+
+def _check_cpsam_keys(name: str, path: Path) -> None:
+    """SeglabError unless the file holds a state dict whose tensors are exactly Cellpose-SAM's.
+
+    cellpose loads its built-in weights with ``load_state_dict(strict=False)``: a file of another
+    architecture whose tensor shapes do not collide loads without a word and leaves the 305 M
+    parameters it lacks at their random initial values. The check reads the file memory-mapped and
+    builds the network on the meta device (no memory, a tenth of a second). cellpose's DINO
+    backbones (files with ``encoder.cls_token``) are left to cellpose.
+    """
+    import torch  # deferred: importing torch + cellpose costs seconds
+
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise SeglabError(f"model '{name}': {path} could not be read as a torch state dict ({type(exc).__name__}: "
+                          f"{exc}); the file is probably truncated: delete it and fetch it again") from None
+    if not isinstance(stored, dict):
+        raise SeglabError(f"model '{name}': {path} is not a state dict ({type(stored).__name__}); "
+                          "put the real cellpose weights file there")
+    if "encoder.cls_token" in stored:
+        return
+    from cellpose.vit import CPSAM
+
+    with torch.device("meta"):
+        expected = set(CPSAM(dtype=torch.float32).state_dict())
+    stored_keys = {k[len("module."):] if k.startswith("module.") else k for k in stored}
+    missing, extra = sorted(expected - stored_keys), sorted(stored_keys - expected)
+    if missing or extra:
+        raise SeglabError(
+            f"model '{name}': {path} holds the weights of another architecture, not Cellpose-SAM's "
+            f"({len(missing)} of its {len(expected)} tensors missing, e.g. {missing[:2]}; {len(extra)} unknown, "
+            f"e.g. {extra[:2]}); put the real {name} file there ({CPSAM_URL}{name}), or load a seglab "
+            "checkpoint by its path")
 
 
 def sidecar_path(weights_path: str | os.PathLike) -> Path:

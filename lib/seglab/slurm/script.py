@@ -81,6 +81,6 @@ def render(job: Job, submission_dir: Path, submission_id: str, cluster: Cluster,
         title=job.title, seglab_command=seglab_command, created=utc_now(), submission_id=submission_id,
         submission_dir=str(submission_dir), sbatch_options=sbatch_options(job, log_dir),
         root=str(paths.project_root()), script_path=str(submission_dir / f"{job.stem}.sbatch"),
-        log_dir=str(log_dir), name=job.stem, array=array,
+        log_dir=str(log_dir), name=job.stem, array=array, gpus=int(job.resources.get("gpus") or 0),
         activate=settings.get("activate"), setup=settings.get("setup") or [],
         command=shlex.join(job.command), command_text=shlex.join(job.command).replace('"', "'"))
