@@ -131,7 +131,8 @@ def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.n
     images : (C, Y, X) arrays, C <= 3 ([DAPI, marker]); padded to [DAPI, marker, 0].
     labels : (Y, X) instance masks, 0 = background.
     params : :class:`~seglab.config.settings.TrainSettings`.
-    run_dir : the run folder: ``checkpoint/state.pt`` (resume state),
+    run_dir : the run folder: ``checkpoint/state.pt`` (resume state after each chunk but the last;
+        removed once ``model.pt`` is written),
         ``losses.tsv`` (epoch, lr, train_loss, val_loss), ``model.pt`` + sidecar.
         If ``checkpoint/state.pt`` exists, training resumes from it.
     ids : tile ids for the sidecar and the min_train_masks warning.
@@ -173,7 +174,9 @@ def fit(model: models.Model, images: Sequence[np.ndarray], labels: Sequence[np.n
         v = evaluate_ap50(model, val_x, list(val_labels))
         sidecar["metrics"].update({"val_ap50_mean": v["ap50_mean"], "val_ap50_pooled": v["ap50_pooled"],
                                    "val_n_images": v["n_images"]})
-    return models.save_checkpoint(model.net, run_dir / "model.pt", sidecar)
+    path = models.save_checkpoint(model.net, run_dir / "model.pt", sidecar)
+    run.state_path.unlink(missing_ok=True)  # an earlier chunk's resume state: model.pt supersedes it
+    return path
 
 
 def _training_set(images, labels, ids, params: TrainSettings):
@@ -315,7 +318,9 @@ class _ChunkedRun:
             bsize=int(p.bsize), min_train_masks=0, model_name="chunk")
         if hook.opt is None:
             raise SeglabError("training did not take a single optimizer step; check batch_size and the data")
-        self.optim_state = copy.deepcopy(hook.opt.state_dict())
+        last = e1 == self.n_epochs
+        # AdamW's moments (twice the weights: 2.4 GB for cpsam) are copied only for a next chunk
+        self.optim_state = None if last else copy.deepcopy(hook.opt.state_dict())
         self.losses.loc[e0:e1 - 1, "train_loss"] = np.asarray(tr, float)
         te = np.asarray(te, float)
         if self.val_x:
@@ -323,7 +328,12 @@ class _ChunkedRun:
                 if j == 5 or j % 10 == 0:
                     self.losses.loc[e0 + j, "val_loss"] = te[j]
         self.done = e1
-        self._save_state()
+        if last:
+            # the final weights go straight into model.pt (fit): a resume state written now would
+            # be 3 x the weights (3.6 GB for cpsam) of disk writes no run can need
+            io.write_table(self.run_dir / "losses.tsv", self.losses.iloc[:self.done])
+        else:
+            self._save_state()
         return e1
 
     def _save_state(self) -> None:
@@ -357,13 +367,6 @@ def _final_sidecar(model: models.Model, meta: dict | None, params: TrainSettings
     })
     sidecar["metrics"] = dict(sidecar.get("metrics") or {})
     return sidecar
-
-
-def load_state_weights(state_path: str | Path) -> dict:
-    """The network weights stored in a resume state (for comparisons in tests)."""
-    import torch
-
-    return torch.load(state_path, map_location="cpu", weights_only=True)["net"]
 
 
 # --------------------------------------------------------------------------------------
