@@ -125,10 +125,11 @@ def interval_width(table):
 def test_donor_clustering_widens_the_interval_when_a_donors_tiles_agree():
     rng = np.random.default_rng(5)
     a, b, donors = simulate(rng, 8, 10, donor_sd=0.08, tile_sd=0.01, shift=0.03)
-    clustered = claims.compare_counts(a, b, donors, (0.5,), n_resamples=2000)
-    naive = claims.compare_counts(a, b, donors, (0.5,), n_resamples=2000, cluster=False)
-    assert interval_width(clustered) > 2.0 * interval_width(naive)
-    assert "ignoring donors" in naive["method"].iloc[0]
+    for method in claims.INTERVALS:
+        clustered = claims.compare_counts(a, b, donors, (0.5,), interval_method=method)
+        naive = claims.compare_counts(a, b, donors, (0.5,), interval_method=method, cluster=False)
+        assert interval_width(clustered) > 2.0 * interval_width(naive), method
+        assert ("delete-one-tile" if method == "t" else "ignoring donors") in naive["method"].iloc[0]
     # the same tiles with the donor effect gone: the two intervals are of the same order
     a, b, donors = simulate(rng, 8, 10, donor_sd=0.0, tile_sd=0.03, shift=0.03)
     ratio = interval_width(claims.compare_counts(a, b, donors, (0.5,), cluster=False)) / interval_width(
@@ -236,9 +237,13 @@ def test_bca_matches_scipy_when_every_tile_is_its_own_donor():
 def test_same_seed_same_table_and_inputs_checked():
     rng = np.random.default_rng(13)
     a, b, donors = simulate(rng, 6, 4, donor_sd=0.05, tile_sd=0.05)
-    one = claims.compare_counts(a, b, donors, (0.5,), seed=3)
-    pd.testing.assert_frame_equal(one, claims.compare_counts(a, b, donors, (0.5,), seed=3))
-    assert not one["ci_low"].equals(claims.compare_counts(a, b, donors, (0.5,), seed=4)["ci_low"])
+    one = claims.compare_counts(a, b, donors, (0.5,), seed=3, interval_method="percentile")
+    pd.testing.assert_frame_equal(one, claims.compare_counts(a, b, donors, (0.5,), seed=3, interval_method="percentile"))
+    assert not one["ci_low"].equals(claims.compare_counts(a, b, donors, (0.5,), seed=4,
+                                                          interval_method="percentile")["ci_low"])
+    # the t interval is the jackknife's: no resampling, the same whatever the seed
+    pd.testing.assert_series_equal(claims.compare_counts(a, b, donors, (0.5,), seed=3)["ci_low"],
+                                   claims.compare_counts(a, b, donors, (0.5,), seed=4)["ci_low"])
     wrong_truth = b.copy()
     wrong_truth[0, 0, 2] += 1
     with pytest.raises(claims.ClaimsInputError, match="same truth"):
