@@ -21,19 +21,21 @@ counts tp, fp, fn, and the tile's donor. The metrics are the pooled ones of
 tests check that both agree). Everything is a fraction in [0, 1]; differences are ``B - A`` in
 [-1, 1] (0.05 is five AP points).
 
-- **Interval** (:func:`bootstrap_differences`, :func:`interval`): a paired two-stage bootstrap.
-  Stage 1 draws D donors with replacement; stage 2 draws, for each drawn donor, as many tiles as
-  it has, with replacement, from its tiles. A resample is a vector of integer weights per tile
-  (how often the tile was drawn), so all resamples are one matrix product ``weights @ counts``
-  (R x N times N x 6T). Intervals: ``percentile``; ``bca`` (bias-corrected and accelerated,
-  acceleration from the delete-one-donor jackknife); ``t`` (estimate +- t quantile with D - 1
-  degrees of freedom times the delete-one-donor jackknife standard error).
+- **Interval** (:func:`bootstrap_differences`, :func:`interval`). The default, ``t``: estimate
+  +- the t quantile with D - 1 degrees of freedom times the delete-one-donor jackknife standard
+  error (the only one that held its level with few donors, see below). The others come from a
+  paired two-stage bootstrap: stage 1 draws D donors with replacement; stage 2 draws, for each
+  drawn donor, as many tiles as it has, with replacement, from its tiles. A resample is a vector
+  of integer weights per tile (how often the tile was drawn), so all resamples are one matrix
+  product ``weights @ counts`` (R x N times N x 6T); ``percentile`` and ``bca``
+  (bias-corrected and accelerated, acceleration from the delete-one-donor jackknife).
 - **Test** (:func:`donor_flip_test`): a paired permutation test at the level of donors. Under the
   null hypothesis that A and B are exchangeable, swapping which segmentation is called A within a
   donor does not change the distribution; a swap flips the sign of that donor's count difference.
   Two-sided p of the difference in pooled metric: exact over all 2^D swaps when D <= 16 (then
   ``p = #{|stat| >= |observed|} / 2^D``; the smallest p is 2 / 2^D, e.g. 0.031 with 6 donors and
-  0.125 with 4), otherwise a seeded Monte Carlo sample of swaps with ``p = (b + 1) / (m + 1)``.
+  0.0625 with 5: with 5 donors or fewer no difference reaches p <= 0.05), otherwise a seeded
+  Monte Carlo sample of swaps with ``p = (b + 1) / (m + 1)``. Claim flags follow the interval.
 
 Which interval (calibration)
 ----------------------------
@@ -602,8 +604,8 @@ def grid_range(per_image: pd.DataFrame, *, setting: str = "value", cluster_colum
     parameter's value); every value scored on the same tiles. The interval resamples donors
     then tiles (as :func:`compare_counts`), all settings together. It is for the size of a range
     that is clearly there: a range is never negative and its bootstrap is biased upwards, so the
-    interval does not reach 0 even when the parameter changes nothing. Whether it changes anything
-    is the p-value: the settings' labels are permuted within each donor (Monte Carlo,
+    interval stays above 0 when the parameter changes nothing but the masks differ a little.
+    Whether the parameter changes anything is the p-value: the settings' labels are permuted within each donor (Monte Carlo,
     ``(b + 1) / (m + 1)``, one-sided: a range at least as large).
 
     Returns one row per metric x threshold: metric, threshold, n_settings, setting_min,
