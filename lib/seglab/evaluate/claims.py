@@ -42,15 +42,15 @@ Which interval (calibration)
 ``bench/bench_claims_calibration.py`` simulates test sets where A and B come from the same model
 (true difference 0; also one where B is truly better) and counts how often each 95% interval
 covers the true difference, over 1000 test sets per cell (Monte Carlo SE about 0.007). With 5-6
-donors the percentile interval of a donors-only bootstrap covers only 0.82-0.85 (it ignores that
+donors the percentile interval of a donors-only bootstrap covers only 0.82-0.86 (it ignores that
 the spread between 6 donors is estimated from 6 donors), and BCa does not fix that. Resampling
 tiles within donors as well adds the within-donor variance a second time: with 6 donors x 4
-tiles that happens to compensate (0.92-0.97), with 24 donors it overcovers (0.97-0.98), and with
-one tile per donor (one marker's tiles) it changes nothing (0.82-0.85). The t interval over
-donors (delete-one-donor jackknife SE, D - 1 degrees of freedom) covered 0.939-0.962 in every
-design and scenario, so it is :data:`DEFAULT_INTERVAL` (it needs no resampling: the same for
-every seed); the bootstrap intervals stay available (``interval_method``). Resampling tiles and
-ignoring donors covers only 0.80-0.87 when a model's advantage varies by donor.
+tiles that happens to compensate (0.92-0.97), with 24 donors it overcovers (0.96-0.99), and with
+one tile per donor (one marker's tiles) it changes nothing (0.82-0.84). The t interval over
+donors (delete-one-donor jackknife SE, D - 1 degrees of freedom) covered 0.939-0.965 in every
+design and scenario (two runs), so it is :data:`DEFAULT_INTERVAL` (it needs no resampling: the
+same for every seed); the bootstrap intervals stay available (``interval_method``). Resampling
+tiles and ignoring donors covers only 0.80-0.87 when a model's advantage varies by donor.
 
 Claims
 ------
