@@ -116,10 +116,15 @@ def read_yaml(path: str | Path) -> dict:
 def _yaml_place(exc: yaml.YAMLError) -> str:
     """`` at line L, column C: problem (context)`` of a YAML error, on one line (PyYAML's own text
     spans several lines with a caret drawing, which the one-line error would cut apart)."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    where = f" at {at(mark)}" if mark else ""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    context = getattr(exc, "context", None)
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None and start is not mark:   # e.g. the '[' left open lines above
+        context += f" that starts at {at(start)}"
     return f"{where}: {problem}" + (f" ({context})" if context else "")
 
 
@@ -245,6 +250,10 @@ def load_schema(name: str, root: Path | None = None) -> Schema:
     source = schema_dir(root) / f"{name}.yaml"
     if name.startswith("_"):
         raise ParamsError(f"{source}: '{name}' is a block for '{INCLUDE_KEY}', not a notebook's schema")
+    if not source.is_file():
+        known = sorted(p.stem for p in schema_dir(root).glob("*.yaml") if not p.stem.startswith("_"))
+        raise ParamsError(f"{source}: file missing: notebook {name} has no schema (schemas: {', '.join(known)}); "
+                          f"write one (the keys its notebook's parameters cell takes) or correct the name")
     raw = read_yaml(source)
     specs: dict[str, Spec] = {}
     declared_in: dict[str, Path] = {}
@@ -389,11 +398,12 @@ def _profiles(root: Path) -> list[str]:
     return sorted(p.name for p in (root / "params").iterdir() if p.is_dir() and p.name != "schema")
 
 
-def _missing_file(own: Path, name: str, profile: str, schema: Schema, root: Path) -> ParamsError:
-    """The error for a profile without ``<name>.yaml``: the file named as missing, with the copy
-    command (from the demo profile when it has the file, else from another profile)."""
+def _missing_file(own: Path, name: str, profile: str, schema: Schema, root: Path, given: set) -> ParamsError:
+    """The error for a profile without ``<name>.yaml``: the file named as missing, with the required
+    keys that defaults.yaml does not give (``given``) and the copy command (from the demo profile
+    when it has the file, else from another profile)."""
     having = [p for p in _profiles(root) if p != profile and (root / "params" / p / f"{name}.yaml").is_file()]
-    required = [k for k, s in schema.specs.items() if s.required]
+    required = [k for k, s in schema.specs.items() if s.required and k not in given]
     need = f" (its required keys: {', '.join(required)})" if required else ""
     if having:
         src = "demo" if "demo" in having else having[0]
@@ -438,7 +448,7 @@ def resolve_params(name: str, profile: str, overrides: dict | None = None,
         sources.append(defaults_file)
     own = profile_dir / f"{name}.yaml"
     if not own.is_file():
-        raise _missing_file(own, name, profile, schema, root)
+        raise _missing_file(own, name, profile, schema, root, set(merged))
     given = read_yaml(own)
     merged.update(given)
     origin.update(dict.fromkeys(given, own))
@@ -488,4 +498,5 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as exc:
-        raise ParamsError(f"override {text!r}: value is not valid YAML: {exc}") from None
+        raise ParamsError(f"override {text!r}: value is not valid YAML{_yaml_place(exc)}; quote it, e.g. "
+                          f"--set '{key.strip()}=[1, 2]'") from None
