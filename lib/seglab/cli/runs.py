@@ -12,7 +12,8 @@ def _overrides(items):
 
 def cmd_run(args) -> int:
     from seglab.workflow.pipeline import execute
-    execute(args.experiment, args.profile, overrides=_overrides(args.set), render=not args.no_report)
+    execute(args.experiment, args.profile, overrides=_overrides(args.set), render=not args.no_report,
+            upstream_check=not args.no_upstream_check)
     print(f"[seglab] status page: {paths.reports_dir() / 'index.html'}")
     return 0
 
@@ -39,12 +40,27 @@ def cmd_experiments(args) -> int:
 
 
 def cmd_check_params(args) -> int:
+    """Every notebook's params of the profile: validated, then the preflight checks (with the cohort
+    when it is built). Each notebook gets a line; every distinct error is printed, exit 1 if any."""
+    import sys
+
+    from seglab import SeglabError
+    from seglab.config.params import resolve_params
+    from seglab.experiments import preflight
     from seglab.workflow.chain import load_experiments
-    from seglab.config.params import load_params
+
+    errors: list[str] = []
     for e in load_experiments():
-        load_params(e.name, args.profile)
-        print(f"ok  {args.profile}/{e.name}")
-    return 0
+        try:
+            resolved = resolve_params(e.name, args.profile)
+            note = preflight(e.name, resolved.params, resolved.where)
+        except SeglabError as exc:
+            if str(exc) not in errors:   # a bad defaults.yaml is every notebook's error: say it once
+                errors.append(str(exc))
+                print(f"seglab check-params: error: {exc}", file=sys.stderr)
+            continue
+        print(f"ok  {args.profile}/{e.name}" + (f"  ({note})" if note else ""))
+    return 1 if errors else 0
 
 
 def cmd_sync_parameters(args) -> int:
@@ -63,6 +79,9 @@ def add_commands(sub) -> None:
     p.add_argument("--profile", default="demo", help="params profile (default: demo)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one param (YAML value)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.add_argument("--no-upstream-check", action="store_true",
+                   help="start even when a notebook it needs (params/experiments.yaml) has no finished run "
+                        "in this profile (its notebook then reads whatever it finds)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("run-all", help="run the chain in order, skipping notebooks that are up to date")
@@ -82,6 +101,7 @@ def add_commands(sub) -> None:
     p.add_argument("--check", action="store_true", help="only report stale cells (exit 1 if any)")
     p.set_defaults(func=cmd_sync_parameters)
 
-    p = sub.add_parser("check-params", help="validate every notebook's params of a profile")
+    p = sub.add_parser("check-params", help="validate every notebook's params of a profile, and check them "
+                                            "against its cohort when 00_data has built it")
     p.add_argument("--profile", default="demo")
     p.set_defaults(func=cmd_check_params)

@@ -65,19 +65,41 @@ def check_budgets(manifest: pd.DataFrame, budgets: Sequence[int], repeats: int) 
     Returns the budgets sorted and de-duplicated. Raises SeglabError naming the
     budget and the number of training tiles (a budget cannot exceed it).
     """
-    from seglab.segment import train
-
     if int(repeats) < 1:
         raise SeglabError(f"repeats={repeats}: need at least one repeat per budget")
     budgets = sorted({int(b) for b in budgets})
     if not budgets:
         raise SeglabError("budgets: empty; give training budgets in tiles, e.g. [2, 5, 10, 20, 30]")
-    n_train = len(train.select_training_tiles(manifest, {"variant": "label_budget"}, "train"))
+    n_train = n_training_tiles(manifest)
     bad = [b for b in budgets if b < 1 or b > n_train]
     if bad:
         raise SeglabError(f"budgets {bad} are outside 1..{n_train} (the annotated training tiles of this cohort); "
                           f"lower them in params/<profile>/02_label_efficiency.yaml")
     return budgets
+
+
+def n_training_tiles(manifest: pd.DataFrame) -> int:
+    """The annotated training tiles a budget is drawn from (what training samples with ``budget``)."""
+    from seglab.segment import train
+
+    return len(train.select_training_tiles(manifest, {"variant": "label_budget"}, "train"))
+
+
+def preflight(params: dict, cohort: Callable[[], pd.DataFrame | None]) -> None:
+    """Before the notebook starts (:func:`seglab.experiments.preflight`): every budget at most the
+    cohort's annotated training tiles, when ``cohort()`` gives the cohort (else the notebook's first
+    step would fail, in a run folder). Raises ParamConflict."""
+    from seglab.experiments import ParamConflict
+
+    manifest = cohort()
+    if manifest is None:
+        return
+    n_train = n_training_tiles(manifest)
+    too_big = sorted({int(b) for b in params["budgets"] if int(b) > n_train})
+    if too_big:
+        which = f"budgets {too_big} are" if len(too_big) > 1 else f"budget {too_big[0]} is"
+        raise ParamConflict("budgets", f"{params['budgets']}: {which} larger than the {n_train} annotated training "
+                            f"tiles of cohort {params['cohort_dir']}", f"give budgets of at most {n_train}")
 
 
 def budgets_of(params: dict) -> list[int]:
@@ -148,10 +170,13 @@ class Design:
 
 
 def design(params: dict) -> Design:
-    """Step 1: the budgets (failing now when one exceeds the annotated training tiles), the
+    """Step 1: the budgets (failing now when one exceeds the annotated training tiles, or when
+    ``rescore_per_image: false`` meets mask settings training's validation pass did not use), the
     validation split and the number of annotated training tiles of ``params['cohort_dir']``."""
     from seglab.data import manifest as data
 
+    if not params["rescore_per_image"]:   # fail now, not in step 4 after every model has trained
+        check_training_validation_settings(MaskSettings.from_params(params), IOU)
     manifest = data.cohort_manifest(paths.resolve(params["cohort_dir"]))
     budgets = check_budgets(manifest, params["budgets"], params["repeats"])
     n_train = int((manifest["annotated"] & (manifest["split"] == "train")).sum())

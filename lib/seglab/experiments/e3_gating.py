@@ -83,6 +83,26 @@ def gate_space(params: dict) -> GateSpace:
                      channel=int(params["gate_channel"]), pixel_size_um=pixel_size_um)
 
 
+def preflight(params: dict, cohort: Callable) -> None:
+    """Before the notebook starts (:func:`seglab.experiments.preflight`): quantiles are fractions in
+    [0, 1], minimum areas are >= 0, and some q_low <= q_high, so the grid has a gate (the notebook
+    would fail only at the gate sweep, after predicting every tile). Needs no cohort. Raises ParamConflict."""
+    from seglab.experiments import ParamConflict
+
+    for key in ("gate_q_lows", "gate_q_highs"):
+        bad = [q for q in params[key] if not 0.0 <= q <= 1.0]
+        if bad:
+            raise ParamConflict(key, f"{params[key]}: {bad} are not fractions in [0, 1]",
+                                "give quantiles as fractions (0.05, not 5)")
+    area_key = "gate_min_areas_um2" if params["pixel_size_um"] else "gate_min_areas_px"
+    if any(a < 0 for a in params[area_key]):
+        raise ParamConflict(area_key, f"{params[area_key]}: minimum areas must be >= 0", "drop the negative areas")
+    if not gate_space(params).grid():
+        raise ParamConflict("gate_q_highs", f"{params['gate_q_highs']}: every value is below every gate_q_lows value "
+                            f"{params['gate_q_lows']}, so the grid has no gate (a gate needs q_low <= q_high)",
+                            "give q_highs at or above some q_low (1.0 = no upper gate)", also=["gate_q_lows"])
+
+
 # --------------------------------------------------------------------------- 2. tiles, models, masks
 
 

@@ -41,6 +41,22 @@ FINETUNED = "finetuned_generic"
 RERUN_MARKS = {"diameter_factor": 1.0, "tile_overlap": 0.1}
 
 
+def preflight(params: Mapping, cohort: Callable) -> None:
+    """Before the notebook starts (:func:`seglab.experiments.preflight`): every niter of the sweep is
+    >= 1 and every diameter factor > 0, values the schema allows but the mask settings refuse (the
+    notebook would fail halfway through the sweep). Needs no cohort. Raises ParamConflict."""
+    from seglab.experiments import ParamConflict
+
+    bad = [n for n in params["sens_niters"] if n < 1]
+    if bad:
+        raise ParamConflict("sens_niters", f"{params['sens_niters']}: {bad} are not >= 1 dynamics steps",
+                            "give niter values >= 1")
+    bad = [f for f in params["sens_diameter_factors"] if not f > 0]
+    if bad:
+        raise ParamConflict("sens_diameter_factors", f"{params['sens_diameter_factors']}: {bad} are not > 0 "
+                            "(the diameter handed to the model is factor x its default)", "give factors > 0, e.g. 0.7")
+
+
 def validation_tiles(params: Mapping) -> splitset.SplitSet:
     """The annotated validation tiles of ``params['cohort_dir']`` (tile_id order)."""
     manifest = data.cohort_manifest(paths.resolve(params["cohort_dir"]))

@@ -49,11 +49,37 @@ MODEL_LABELS = {"baseline": "baseline (no fine-tuning)", "generic": "fine-tuned 
 # --------------------------------------------------------------------------- markers and jobs
 
 
+def usable_markers(manifest: pd.DataFrame) -> list[str]:
+    """The markers with annotated tiles in train and in test (those that can be held out), sorted."""
+    ann = manifest[manifest["annotated"].astype(bool)]
+    return sorted(set(ann.loc[ann["split"] == "train", "marker"]) & set(ann.loc[ann["split"] == "test", "marker"]))
+
+
+def preflight(params: dict, cohort: Callable[[], pd.DataFrame | None]) -> None:
+    """Before the notebook starts (:func:`seglab.experiments.preflight`): with the cohort built, each
+    of ``lomo_markers`` has annotated train and test tiles there, or (``[]``) at least two markers
+    have (what the notebook's first step checks). Raises ParamConflict."""
+    from seglab.experiments import ParamConflict
+
+    manifest = cohort()
+    if manifest is None:
+        return
+    usable = usable_markers(manifest)
+    wanted = params.get("lomo_markers") or []
+    bad = [m for m in wanted if m not in usable]
+    if bad:
+        raise ParamConflict("lomo_markers", f"{wanted}: {bad} have no annotated train and test tiles in cohort "
+                            f"{params['cohort_dir']} (usable: {', '.join(usable)})", "hold out usable markers only")
+    if not wanted and len(usable) < 2:
+        raise ParamConflict("lomo_markers", f"[] holds out every usable marker, but cohort {params['cohort_dir']} "
+                            f"has {len(usable)} ({', '.join(usable) or 'none'})",
+                            "leave-one-marker-out needs at least two: use a cohort with more annotated markers")
+
+
 def lomo_markers(manifest: pd.DataFrame, markers: Sequence[str] | None = None) -> list[str]:
     """The markers to hold out: ``markers`` (checked against the cohort) or, if empty/None, every
     marker with annotated tiles in train and test."""
-    ann = manifest[manifest["annotated"].astype(bool)]
-    usable = sorted(set(ann.loc[ann["split"] == "train", "marker"]) & set(ann.loc[ann["split"] == "test", "marker"]))
+    usable = usable_markers(manifest)
     if not markers:
         if len(usable) < 2:
             raise SeglabError(f"leave-one-marker-out needs at least two markers with annotated train and test tiles "

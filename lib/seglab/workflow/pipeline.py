@@ -12,11 +12,13 @@ from seglab.workflow import report, runs
 
 
 def execute(ref: str, profile: str, overrides: dict | None = None, render: bool = True,
-            log=print) -> runs.RunResult:
+            log=print, upstream_check: bool = True) -> runs.RunResult:
     """Run one notebook into a new run folder, then render its report, publish its figures and
-    rebuild the status page (``render=False``: the run only). Raises :class:`runs.RunFailed` as
-    :func:`runs.execute`."""
-    return runs.execute(ref, profile, overrides, report=report.steps() if render else None, log=log)
+    rebuild the status page (``render=False``: the run only). Refuses to start while a notebook it
+    needs has no finished run (``upstream_check=False``: starts anyway). Raises
+    :class:`runs.RunFailed` as :func:`runs.execute`."""
+    return runs.execute(ref, profile, overrides, report=report.steps() if render else None, log=log,
+                        upstream_check=upstream_check)
 
 
 def run_all(profile: str, force: bool = False, only: list[str] | None = None, log=print) -> list[runs.RunResult]:

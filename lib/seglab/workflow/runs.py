@@ -45,7 +45,7 @@ from seglab import SeglabError
 from seglab.core import io
 from seglab.core import paths
 from seglab.workflow.chain import Experiment, find_experiment, load_experiments, with_upstream
-from seglab.config.params import load_params, load_schema, params_hash, validate
+from seglab.config.params import Resolved, load_params, load_schema, params_hash, resolve_params, validate
 from seglab.config.settings import MaskSettings, TrainSettings
 
 MANIFEST = "manifest.json"
@@ -186,6 +186,44 @@ def input_hashes(experiment: Experiment, params: dict, root: Path) -> dict:
     return out
 
 
+def missing_upstream(experiment: Experiment, profile: str) -> dict[str, str]:
+    """{notebook: why} for each notebook ``experiment`` needs that has no finished (done) run in
+    ``profile``: no run yet, or its latest run's status (failed, interrupted, still running)."""
+    out = {}
+    for need in experiment.needs:
+        if latest_run(need, profile) is not None:
+            continue
+        last = latest_run(need, profile, status=None)
+        out[need] = ("no run yet" if last is None else
+                     f"its latest run {os.path.relpath(last, paths.project_root())} has status {run_status(last)}")
+    return out
+
+
+def check_upstream(experiment: Experiment, profile: str) -> None:
+    """Refuse to start ``experiment`` while a notebook it needs has no finished run in ``profile``
+    (its notebook reads that run's outputs and would fail inside, or read another profile's).
+    Raises SeglabError naming the missing run and the commands that make it."""
+    missing = missing_upstream(experiment, profile)
+    if not missing:
+        return
+    first, why = next(iter(missing.items()))
+    names = ", ".join(missing)
+    raise SeglabError(f"{experiment.name} needs {names}, which has no finished run in profile '{profile}' ({why}); "
+                      f"run it first: `seglab run {first[:2]} --profile {profile}`, or `seglab run-all --profile "
+                      f"{profile} --only {experiment.number}` for everything {experiment.name} needs "
+                      f"(`--no-upstream-check` starts it anyway)")
+
+
+def preflight(experiment: Experiment, resolved: Resolved, read_cohort: bool = True, log=print) -> None:
+    """The checks of :func:`seglab.experiments.preflight` (values the experiment cannot use, alone, together
+    or with the cohort), naming the file of each key; logs a note when checks needing the cohort were skipped."""
+    from seglab.experiments import preflight as check
+
+    note = check(experiment.name, resolved.params, resolved.where, read_cohort=read_cohort)
+    if note and read_cohort:
+        log(f"[seglab] {experiment.name}: {note}")
+
+
 def upstream_runs(experiment: Experiment, profile: str) -> dict:
     """The latest successful run id of each notebook this one needs (recorded; a change reruns it)."""
     out = {}
@@ -233,10 +271,12 @@ class ReportSteps:
 
 
 def execute(ref: str, profile: str, overrides: dict | None = None, report: ReportSteps | None = None,
-            log=print) -> RunResult:
+            log=print, upstream_check: bool = True) -> RunResult:
     """Run one notebook with papermill into a new run folder; then the ``report`` steps, if given.
 
-    Params are validated first: a bad params file fails before a folder is made.
+    Before a folder is made: the params are validated, each notebook this one needs must have a
+    finished run in ``profile`` (:func:`check_upstream`; ``upstream_check=False`` skips that), and
+    the :func:`preflight` checks run against the cohort; each refuses with one line.
     Raises :class:`RunFailed` (after writing the manifest and the partial
     notebook) when a cell fails or the run is interrupted by Ctrl-C or SIGTERM.
     ``seglab run`` is :func:`seglab.workflow.pipeline.execute`: this with the report steps.
@@ -245,7 +285,11 @@ def execute(ref: str, profile: str, overrides: dict | None = None, report: Repor
     experiment = find_experiment(ref, root)
     if not experiment.notebook.is_file():
         raise SeglabError(f"{experiment.name}: notebook {experiment.notebook} is missing")
-    params, sources = load_params(experiment.name, profile, overrides, root)
+    resolved = resolve_params(experiment.name, profile, overrides, root)
+    if upstream_check:
+        check_upstream(experiment, profile)
+    preflight(experiment, resolved, log=log)
+    params, sources = resolved.params, resolved.sources
     run_dir, manifest = _new_run(experiment, profile, params, sources, overrides, root)
     notebook_out = run_dir / experiment.notebook.name
     log(f"[seglab] {experiment.name} ({profile}) -> {manifest['run_dir']}")
@@ -423,13 +467,16 @@ def run_all(profile: str, force: bool = False, only: list[str] | None = None, re
 
     Stops at the first failure (RunFailed names it). With ``only``, runs those
     notebooks and whatever they need. ``report``: as for :func:`execute`.
+    Every params file, and the :func:`preflight` checks that need no cohort, are checked before
+    anything runs; the checks against the cohort run right before each notebook (00 may build or
+    rebuild the cohort first).
     """
     root = paths.project_root()
     chain = load_experiments(root)
     if only:
         chain = with_upstream([find_experiment(r, root) for r in only], root)
     for e in chain:  # validate every params file before running anything
-        load_params(e.name, profile, None, root)
+        preflight(e, resolve_params(e.name, profile, None, root), read_cohort=False, log=log)
     results = []
     for e in chain:
         fresh = None if force else is_up_to_date(e, profile)
@@ -437,7 +484,8 @@ def run_all(profile: str, force: bool = False, only: list[str] | None = None, re
             log(f"[seglab] {e.name} ({profile}) up to date: {os.path.relpath(fresh, root)}")
             results.append(RunResult(run_dir=fresh, status="done", manifest=read_manifest(fresh), skipped=True))
             continue
-        results.append(execute(e.name, profile, report=report, log=log))
+        # in order, stopping at the first failure: what e needs has just run or is up to date
+        results.append(execute(e.name, profile, report=report, log=log, upstream_check=False))
     return results
 
 
