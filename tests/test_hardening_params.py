@@ -136,7 +136,29 @@ def test_yaml_syntax_errors_and_unreadable_files_are_one_line_with_the_place(pro
         load_params(E2, "p")
 
 
+def test_a_missing_schema_and_a_bad_override_are_one_line_each(project):
+    from seglab.config.params import parse_override
+
+    (project / "params" / "schema" / "04_sensitivity.yaml").unlink()
+    with pytest.raises(ParamsError, match=r"04_sensitivity.yaml: file missing: notebook 04_sensitivity has no schema"):
+        load_params("04_sensitivity", "p")
+    with pytest.raises(ParamsError) as err:
+        parse_override("budgets=[1,")      # what the shell leaves of an unquoted `--set budgets=[1, 2]`
+    assert "column" in str(err.value) and "quote it" in str(err.value) and "\n" not in str(err.value)
+
+
 # --------------------------------------------------------------------------- 2. checks before the notebook
+
+
+def test_e2_with_stored_validation_ap_and_other_mask_settings_fails_in_its_first_step(tmp_path):
+    """rescore_per_image false reads the AP training stored at the library's mask settings: with other
+    settings the notebook failed at step 4, after training every model; now step 1 refuses."""
+    from seglab.experiments import e2_label_efficiency as e2
+
+    params = {"rescore_per_image": False, "min_size": 5, "cohort_dir": str(tmp_path / "never_read"),
+              "budgets": [1], "repeats": 1}
+    with pytest.raises(SeglabError, match="rescore_per_image"):
+        e2.design(params)
 
 
 def test_check_params_refuses_a_budget_larger_than_the_training_set(built, capsys):
