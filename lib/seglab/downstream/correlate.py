@@ -5,7 +5,13 @@ Definitions
 Test
     One Spearman correlation per (marker, feature, outcome) over the donors
     that have both values; ``n`` is reported per test; fewer than 3 donors, or a
-    constant side, gives NaN with the reason.
+    constant side, gives NaN with the reason. The p-value is exact (permutation)
+    up to 9 donors and for a perfect correlation, else scipy's t approximation
+    (:mod:`seglab.downstream.stats` says why); it is never 0.
+Minimum donors
+    A test over fewer than ``min_donors`` donors (default :data:`MIN_DONORS`)
+    keeps its rho but gets no p or q (NaN), is never significant, does not
+    count in its BH family, and its ``reason`` says so.
 FDR family
     By default (``family="all"``) every test of one analysis: all markers x
     features x outcomes of one model at one threshold. ``family`` may instead
@@ -33,9 +39,11 @@ import pandas as pd
 from seglab import SeglabError
 from seglab.downstream.cohort import Cohort, check_tile_table, donor_features, join_clinical, normalise_ids
 from seglab.downstream.features import FEATURES, SENSITIVITY_PERCENTILES, at_percentile, densities
-from seglab.downstream.stats import MIN_N, bh_qvalues, spearman_grid, spearman_pvalue
+from seglab.downstream.stats import MIN_N, bh_qvalues, spearman_grid
 
 DEFAULT_FEATURES: tuple[str, ...] = ("ratio", "positive_per_mpx", "total_per_mpx")
+# the fewest donors whose exact two-sided p can reach 0.05: 2/5! = 0.017, while 4 donors give at best 2/4! = 0.083
+MIN_DONORS = 5
 TEST_KEY = ["marker", "feature", "outcome"]  # the columns naming one test
 
 
@@ -78,6 +86,30 @@ def _family_groups(table: pd.DataFrame, family) -> np.ndarray | None:
     return table.groupby(cols, sort=False).ngroup().to_numpy()
 
 
+def _check_min_donors(min_donors) -> int:
+    """min_donors as an int, or SeglabError unless it is an integer >= MIN_N."""
+    if isinstance(min_donors, bool) or not isinstance(min_donors, (int, np.integer)) or min_donors < MIN_N:
+        raise SeglabError(f"min_donors must be an integer >= {MIN_N} (a rank correlation needs 3 donors); "
+                          f"got {min_donors!r}")
+    return int(min_donors)
+
+
+def _test_reason(nk: int, min_donors: int, rho: float, x: np.ndarray, y: np.ndarray, outcome: str) -> str:
+    """Why the test of x and y (D,) over their nk common donors, rho, has no p-value ("" when it has one).
+
+    An undefined rho (too few donors, a constant side) is named before min_donors: it is the
+    deeper reason.
+    """
+    if nk < MIN_N:
+        return f"fewer than {MIN_N} donors with data (n={nk})"
+    if not np.isfinite(rho):
+        m = np.isfinite(x) & np.isfinite(y)
+        return "constant feature" if np.ptp(x[m]) == 0 else f"constant {outcome}"
+    if nk < min_donors:
+        return f"fewer than min_donors={min_donors} donors with data (n={nk}): rho shown, not tested"
+    return ""
+
+
 def _tests_frame(markers, features, outcomes) -> pd.DataFrame:
     """Every (marker, feature, outcome) test in that nested order, one row each (TEST_KEY columns)."""
     idx = pd.MultiIndex.from_product([markers, features, outcomes], names=TEST_KEY)
@@ -90,6 +122,7 @@ def correlate(
     features: Sequence[str] = DEFAULT_FEATURES,
     markers: Sequence[str] | None = None,
     family="all",
+    min_donors: int = MIN_DONORS,
 ) -> pd.DataFrame:
     """Spearman per (marker x feature x outcome) with BH over the family.
 
@@ -97,8 +130,10 @@ def correlate(
     -------
     DataFrame with marker, feature, outcome, n, rho, p, q, reason, n_dropped,
     dropped (donor ids left out of that test and why). ``reason`` is "" for a
-    computed test, else why rho is NaN.
+    computed test, else why rho, or p and q, are NaN (fewer than ``min_donors``
+    donors: rho kept, p and q NaN).
     """
+    min_donors = _check_min_donors(min_donors)
     markers = sorted(cohort.features["marker"].unique()) if markers is None else list(markers)
     outs = list(cohort.outcomes.columns)
     Y = cohort.outcomes.to_numpy(np.float64).T  # (K, D)
@@ -108,8 +143,8 @@ def correlate(
     cube, present, zero = _feature_cube(cohort, markers, features)
     vy = np.isfinite(Y)
     for a, mk in enumerate(markers):
-        rho, n = spearman_grid(cube[a], Y)  # (F, K): every feature x outcome of this marker at once
-        p = spearman_pvalue(rho, n)
+        rho, n, p = spearman_grid(cube[a], Y, pvalues=True)  # (F, K): every feature x outcome of this marker
+        p[n < min_donors] = np.nan  # not a test: out of the BH family, never significant
         for j, ft in enumerate(features):
             x = cube[a, j]
             vx = np.isfinite(x)
@@ -124,12 +159,7 @@ def correlate(
                         why = f"{oc} missing"
                     drops.append(f"{donors[i]}({why})")
                 nk = int(n[j, k])
-                reason = ""
-                if nk < MIN_N:
-                    reason = f"fewer than {MIN_N} donors with data (n={nk})"
-                elif not np.isfinite(rho[j, k]):
-                    m = vx & vy[k]
-                    reason = "constant feature" if np.ptp(x[m]) == 0 else f"constant {oc}"
+                reason = _test_reason(nk, min_donors, rho[j, k], x, Y[k], oc)
                 recs.append(
                     {
                         "marker": mk,
@@ -239,8 +269,12 @@ def bootstrap_replicates(
     family="all",
     max_cells: int = 20_000_000,
     return_draws: bool = False,
+    min_donors: int = MIN_DONORS,
 ):
     """rho and q of every test in every resample (vectorised; see the module notes).
+
+    p-values as in :func:`correlate` (exact up to 9 donors, from tables cached
+    per tie pattern), NaN below ``min_donors`` donors.
 
     Returns
     -------
@@ -253,6 +287,7 @@ def bootstrap_replicates(
     """
     if not (isinstance(B, (int, np.integer)) and B >= 1):
         raise SeglabError(f"B (bootstrap resamples) must be a positive integer; got {B!r}")
+    min_donors = _check_min_donors(min_donors)
     check_tile_table(tiles, ("n_total_cells", positive_col, "area_px"))
     mts = _marker_tiles(tiles, cohort, positive_col)
     Y = cohort.outcomes.to_numpy(np.float64).T
@@ -260,6 +295,7 @@ def bootstrap_replicates(
     outs = list(cohort.outcomes.columns)
     tests = _tests_frame([mt.marker for mt in mts], list(features), outs)
     rho = np.full((B, len(tests)), np.nan)
+    p = np.full((B, len(tests)), np.nan)
     n = np.zeros((B, len(tests)), dtype=np.int64)
     ss = np.random.SeedSequence(seed)
     K = len(outs)
@@ -276,12 +312,14 @@ def bootstrap_replicates(
                 draws.setdefault(mt.marker, (mt.tile_ids, []))[1].append(idx)
             fx = _donor_feature_rows(mt, idx, D, features)
             for j, f in enumerate(features):
-                r, nn = spearman_grid(fx[f], Y)
+                r, nn, pp = spearman_grid(fx[f], Y, pvalues=True)
                 sl = slice(col + j * K, col + (j + 1) * K)
                 rho[b0:b1, sl] = r
+                p[b0:b1, sl] = pp
                 n[b0:b1, sl] = nn
         col += len(features) * K
-    q = bh_qvalues(spearman_pvalue(rho, n), _family_groups(tests, family))
+    p[n < min_donors] = np.nan
+    q = bh_qvalues(p, _family_groups(tests, family))
     if return_draws:
         return tests, rho, q, {m: (ids, np.concatenate(parts)) for m, (ids, parts) in draws.items()}
     return tests, rho, q
@@ -338,7 +376,7 @@ class Analysis:
     donors : DataFrame   donor x marker features (all donors with tiles)
     correlations : DataFrame   one row per test: n, rho, p, q, reason, stability columns
     cohort : Cohort   the join (missing donors by id)
-    params : dict   what was run (B, seed, alpha, family, features, positive_col)
+    params : dict   what was run (B, seed, alpha, family, features, positive_col, min_donors)
     """
 
     donors: pd.DataFrame
@@ -352,6 +390,7 @@ class Analysis:
         return {
             "n_tests": int(len(c)),
             "n_tests_computed": int(c["rho"].notna().sum()),
+            "n_tests_with_p": int(c["q"].notna().sum()),  # q is NaN exactly where p is (below min_donors, no rho)
             "n_significant": int((c["q"] < alpha).sum()),
             **self.cohort.report(),
         }
@@ -385,13 +424,17 @@ def analyse(
     alpha: float = 0.05,
     ci: float = 0.95,
     family="all",
+    min_donors: int = MIN_DONORS,
 ) -> Analysis:
     """Tile table + clinical table -> donor features, Spearman, BH q and bootstrap stability.
 
-    ``B=0`` skips the bootstrap (the stability columns are then NaN).
+    ``B=0`` skips the bootstrap (the stability columns are then NaN). A test
+    over fewer than ``min_donors`` donors is reported with its rho and a
+    ``reason``, without p or q, and is never significant.
     """
     if not 0 < alpha < 1:
         raise SeglabError(f"alpha must be in (0, 1); got {alpha!r}")
+    min_donors = _check_min_donors(min_donors)
     donors = donor_features(tiles, positive_col=positive_col)
     cohort = join_clinical(donors, clinical, outcomes, donor_col=donor_col)
     if not cohort.donors:
@@ -399,10 +442,11 @@ def analyse(
             f"no donor is in both the tiles and the clinical table (tiles: {cohort.missing_in_clinical[:5]}..., "
             f"clinical: {cohort.missing_in_tiles[:5]}...); check donor_col={donor_col!r} and the id format"
         )
-    corr = correlate(cohort, features=features, family=family)
+    corr = correlate(cohort, features=features, family=family, min_donors=min_donors)
     if B:
         tests, rho, q = bootstrap_replicates(
-            tiles, cohort, features=features, positive_col=positive_col, B=B, seed=seed, family=family
+            tiles, cohort, features=features, positive_col=positive_col, B=B, seed=seed, family=family,
+            min_donors=min_donors,
         )
         order = pd.MultiIndex.from_frame(tests[TEST_KEY]).get_indexer(pd.MultiIndex.from_frame(corr[TEST_KEY]))
         pad = np.full((rho.shape[0], 1), np.nan)  # a test the bootstrap did not see stays NaN
@@ -412,7 +456,8 @@ def analyse(
         stab = stability_summary(corr["rho"].to_numpy(), np.empty((0, len(corr))), np.empty((0, len(corr))))
     corr = pd.concat([corr.reset_index(drop=True), stab], axis=1)
     corr["significant"] = corr["q"] < alpha
-    params = dict(B=B, seed=seed, alpha=alpha, ci=ci, family=family, features=list(features), positive_col=positive_col)
+    params = dict(B=B, seed=seed, alpha=alpha, ci=ci, family=family, features=list(features), positive_col=positive_col,
+                  min_donors=min_donors)
     return Analysis(donors=donors, correlations=corr, cohort=cohort, params=params)
 
 
