@@ -336,10 +336,12 @@ class Correlations:
 
 def correlations(counts: TileCounts, clinical: pd.DataFrame, params: dict) -> Correlations:
     """Donor features, Spearman per marker x feature x outcome, BH q over each model's tests and
-    ``bootstrap_B`` paired resamples, for truth and both models (see :class:`Correlations`)."""
+    ``bootstrap_B`` paired resamples, for truth and both models (see :class:`Correlations`). A test
+    over fewer than ``min_donors`` donors keeps its rho, gets no p or q and a ``reason``."""
     cmp = compare_segmentations({m: counts.tables[m] for m in counts.models}, clinical, params["outcomes"],
                          truth=TRUTH if counts.has_truth else None, features=params["features"],
-                         B=params["bootstrap_B"], seed=params["seed"], alpha=params["alpha"])
+                         B=params["bootstrap_B"], seed=params["seed"], alpha=params["alpha"],
+                         min_donors=params["min_donors"])
     return Correlations(analyses=cmp["analyses"], side_by_side=cmp["side_by_side"],
                         recovery=cmp.get("recovery"), donor_agreement=cmp.get("donor_agreement"))
 
@@ -376,7 +378,7 @@ def sensitivity(counts: TileCounts, clinical: pd.DataFrame, params: dict) -> Sen
     resamples each), stacked."""
     parts = [threshold_sensitivity(counts.tables[m], clinical, params["outcomes"], percentiles=params["percentiles"],
                                    features=params["features"], B=params["sensitivity_B"], seed=params["seed"],
-                                   alpha=params["alpha"]).assign(model=m)
+                                   alpha=params["alpha"], min_donors=params["min_donors"]).assign(model=m)
              for m in counts.models]
     return Sensitivity(table=pd.concat(parts, ignore_index=True), models=counts.models, alpha=params["alpha"])
 
