@@ -3,13 +3,21 @@
 Files are paired by name: the extension (.tif or .tiff, any case) and a
 trailing ``_0000`` (nnU-Net's channel suffix), ``_masks`` or ``_cp_masks``
 (Cellpose's) are ignored, so ``img1_0000.tif`` pairs with ``img1_cp_masks.tiff``.
+Only the extension is cut from the rest of the name: ``scan_1.5x.tif`` pairs as
+``scan_1.5x`` and ``img.001_masks.tif`` as ``img.001``, the ids ``seglab predict`` gives.
 Files without a partner are listed on stderr and in the summary, never
-ignored silently. Writes, atomically, into ``--out``:
+ignored silently. Every paired file's TIFF header is checked before scoring: an
+empty, truncated or unreadable file is one line naming it.
+
+Writes into ``--out``, as one set (:func:`seglab.core.io.write_set`: all files or none):
 
 - ``evaluation_results.csv``: one row per image x threshold (see :func:`seglab.evaluate.metrics.evaluate`);
 - ``evaluation_summary.json``: pooled and mean-over-images metrics per threshold,
   per group, the pairing and the unpaired files;
-- ``evaluation_summary.txt``: the same in a few lines (also printed).
+- ``evaluation_summary.txt``: the same in a few lines (also printed);
+- ``evaluation.complete.json``: written last, the three files with their sha256. Read the
+  results only where ``seglab.core.io.set_complete(out, "evaluation")`` is true: a run that
+  failed half-way (a full disk) leaves the earlier complete set in place, or no marker.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from pathlib import Path
 from seglab import SeglabError
 
 MASK_SUFFIXES = (".tif", ".tiff")
+OUTPUT_SET = "evaluation"   # the set's marker: evaluation.complete.json
 # Stripped from the stem before pairing, longest first (so _cp_masks wins over _masks).
 NAME_SUFFIXES = ("_cp_masks", "_masks", "_0000")
 
@@ -83,6 +92,38 @@ def pair_files(true_dir: str | Path, pred_dir: str | Path) -> tuple[list[tuple[s
     return pairs, unpaired
 
 
+def check_mask_file(path: Path) -> None:
+    """SeglabError, one line naming ``path``, when it is empty, truncated or not a readable TIFF.
+
+    Reads the header only (the pixels are read when the image is scored); tifffile's own log
+    lines about broken tags are silenced, the error says it all.
+    """
+    import tifffile
+
+    from seglab.core import io
+
+    size = path.stat().st_size
+    if size == 0:
+        raise SeglabError(f"{path}: empty file (0 bytes); copy or export the mask again")
+    try:
+        with io.quiet_tiff_log(), tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)
+    except Exception as exc:  # noqa: BLE001 - tifffile raises several types for broken files
+        why = " ".join(str(exc).split())
+        raise SeglabError(f"{path}: truncated or unreadable TIFF ({type(exc).__name__}: {why}); copy or export "
+                          f"the mask again") from None
+    if end > size:
+        raise SeglabError(f"{path}: truncated TIFF (image data end at byte {end}, the file has {size}); copy or "
+                          f"export the mask again")
+
+
+def _out_folder(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise SeglabError(f"--out {out}: is a file, not a folder; give a folder for the evaluation files")
+    return out
+
+
 def _read_groups(path: str | None):
     if not path:
         return None
@@ -106,6 +147,7 @@ def cmd_evaluate(args) -> int:
     from seglab.evaluate.metrics import check_thresholds, evaluate
 
     thresholds = check_thresholds(args.thresholds, "--thresholds")
+    out = _out_folder(Path(args.out))
     pairs, unpaired = pair_files(args.true, args.pred)
     for side in ("true", "pred"):
         if unpaired[side]:
@@ -116,22 +158,26 @@ def cmd_evaluate(args) -> int:
                           f"names must agree up to .tif/.tiff and _0000/_masks/_cp_masks suffixes")
     if args.strict and (unpaired["true"] or unpaired["pred"]):
         raise SeglabError("--strict: some files have no partner (listed above); remove them or drop --strict")
+    for _, t, p in pairs:
+        check_mask_file(t)
+        check_mask_file(p)
     groups = _read_groups(args.groups)
     if groups is not None:
         groups = groups[groups["image"].isin({name for name, _, _ in pairs})]
-    result = evaluate([(name, t, p) for name, t, p in pairs], groups=groups, thresholds=thresholds,
-                      progress=not args.quiet)
+    with io.quiet_tiff_log():
+        result = evaluate([(name, t, p) for name, t, p in pairs], groups=groups, thresholds=thresholds,
+                          progress=not args.quiet)
     result.unpaired = unpaired
-    out = Path(args.out)
     summary = result.summary()
     summary["inputs"] = {"true_dir": str(Path(args.true).resolve()), "pred_dir": str(Path(args.pred).resolve()),
                          "pairs": [{"image": n, "true": t.name, "pred": p.name} for n, t, p in pairs]}
-    io.write_table(out / "evaluation_results.csv", result.per_image)
-    io.write_json(out / "evaluation_summary.json", summary)
     text = result.text()
-    io.write_text(out / "evaluation_summary.txt", text)
+    io.write_set(out, {"evaluation_results.csv": lambda f: result.per_image.to_csv(f, index=False),
+                       "evaluation_summary.json": lambda f: f.write_text(io.json_text(summary), encoding="utf-8"),
+                       "evaluation_summary.txt": lambda f: f.write_text(text, encoding="utf-8")}, name=OUTPUT_SET)
     print(text, end="")
-    print(f"[seglab] wrote {out / 'evaluation_results.csv'}, evaluation_summary.json, evaluation_summary.txt")
+    print(f"[seglab] wrote {out / 'evaluation_results.csv'}, evaluation_summary.json, evaluation_summary.txt "
+          f"(complete: {io.set_marker(out, OUTPUT_SET).name})")
     return 0
 
 
