@@ -53,6 +53,8 @@ def mask_settings(args):
 
 
 def cmd_predict(args) -> int:
+    """Exit 0 when every tile of the shard has a mask; ``predict.EXIT_TILES_FAILED`` (3) when
+    ``--keep-going`` skipped unreadable tiles (listed in the table with status ``failed``)."""
     from seglab.segment import predict
 
     _threads(args.threads)
@@ -62,10 +64,18 @@ def cmd_predict(args) -> int:
     print(f"[seglab] mask settings ({args.profile} profile + flags): {mask.as_dict()}", file=sys.stderr)
     df = predict.predict(args.model, args.tiles, args.out, mask, shard=args.shard, batch_tiles=args.batch_tiles, batch_size=args.batch_size,
                          save_network_outputs=args.save_outputs, progress=not args.quiet,
-                         gpu=False if args.cpu else None)
-    done = int((df["status"] == "done").sum())
-    print(f"[seglab] {len(df)} tiles in shard {args.shard or '0/1'}: {done} segmented, "
-          f"{len(df) - done} already complete; table {args.out}/{predict.table_name(args.shard)}")
+                         gpu=False if args.cpu else None, overwrite=args.overwrite, keep_going=args.keep_going)
+    done = df.attrs
+    table = f"{args.out}/{predict.table_name(args.shard)}"
+    print(f"[seglab] {len(df)} tiles in shard {args.shard or '0/1'}: {done['n_segmented']} segmented, "
+          f"{done['n_reused']} already complete" + (f", {done['n_failed']} failed" if done["n_failed"] else "")
+          + f"; table {table}")
+    if done["n_failed"]:
+        names = sorted(done["failed"])
+        print(f"seglab predict: {done['n_failed']} of {len(df)} tiles failed and were skipped: "
+              f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''} (status 'failed', reason in {table}); "
+              f"exit code {predict.EXIT_TILES_FAILED}", file=sys.stderr)
+        return predict.EXIT_TILES_FAILED
     return 0
 
 
@@ -93,7 +103,10 @@ def add_commands(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="segment a folder of tiles (batched, resumable, --shard I/N)")
+    p = sub.add_parser("predict", help="segment a folder of tiles (batched, resumable, --shard I/N)",
+                       epilog="exit codes: 0 done; 1 bad input or a folder made by another model/settings; "
+                              "3 --keep-going skipped tiles; 74 a file could not be written (no space, "
+                              "permission, read-only)")
     p.add_argument("--model", required=True, help="cpsam, cpsam_v2, generalist, tiny, classical or a checkpoint .pt")
     p.add_argument("--tiles", required=True, help="tiles folder (cohort channel files or one TIFF per tile)")
     p.add_argument("--out", required=True, help="output folder: <tile>.tif masks + tiles_shard-I-of-N.tsv")
@@ -110,6 +123,12 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="network crops per forward pass (default: 8 on a GPU, 1 for tiny nets on the CPU)")
     p.add_argument("--save-outputs", action="store_true", help="also save flows + cellprob (outputs/<tile>.npz)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds another model's or other settings' predictions (predict.json): delete them, "
+                        "in every shard, and predict again (without it such a folder is refused)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="skip tiles that cannot be read: listed in the table with status 'failed' and the reason; "
+                        "exit code 3 when any was skipped")
     p.add_argument("--cpu", action="store_true", help="do not use a GPU even if there is one")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
