@@ -57,12 +57,18 @@ Claims
 :func:`claim_keys` turns one row into summary keys: ``<name>``, ``<name>_ci_low``,
 ``<name>_ci_high``, ``<name>_p_value`` and a flag such as ``finetuned_generic_beats_baseline``
 that is True only when the whole interval lies on the claimed side of 0 (:func:`claim_holds`).
+The notebooks name their keys through :func:`claim_summary` (``<split>_<metric>_diff_<b>_vs_<a>``
+beside the flag ``<b>_beats_<a>``, with ``_n_donors`` and a ``_note`` when 0-2 donors leave no or a
+very wide interval), which :func:`find_claims` reads back for the status page;
+:func:`compare_pairs` with ``missing="nan"`` gives a model without tiles NaN rows (no claim) instead
+of an error, and :func:`interval_label` says in words which interval a table holds.
 :func:`grid_range` is the claim of E4 about one model: the range of a metric across the values
 of one parameter, with an interval and a permutation test of "the parameter changes nothing".
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -518,14 +524,44 @@ def compare(per_image_a: pd.DataFrame, per_image_b: pd.DataFrame, *, a: str = "a
     return compare_counts(pc.counts_a, pc.counts_b, pc.clusters, pc.thresholds, a=a, b=b, **options)
 
 
+def empty_comparison(a: str, b: str, thresholds: Sequence[float], why: str, *, ci_level: float = 0.95,
+                     n_resamples: int = 0) -> pd.DataFrame:
+    """:data:`TABLE_COLUMNS` rows of a comparison that cannot be made (``why``, e.g. a model with no
+    tiles): NaN estimates and bounds, 0 donors and tiles, ``why`` as the method. Its claim flag is
+    False (:func:`claim_holds` of NaN)."""
+    nan = float("nan")
+    rows = [{"a": a, "b": b, "metric": m, "threshold": float(th), "estimate_a": nan, "estimate_b": nan,
+             "difference": nan, "ci_low": nan, "ci_high": nan, "ci_level": float(ci_level), "p_value": nan,
+             "n_donors": 0, "n_tiles": 0, "n_resamples": int(n_resamples), "n_permutations": 0, "method": why}
+            for m in METRICS for th in thresholds]
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
 def compare_pairs(per_image: pd.DataFrame, pairs: Sequence[tuple[str, str]], *, by: str = "model",
-                  **options) -> pd.DataFrame:
+                  missing: str = "raise", **options) -> pd.DataFrame:
     """:func:`compare` for each (a, b) of ``pairs`` from one long per-tile table with a ``by``
-    column naming the segmentation (``scoring.per_image_long``), stacked."""
+    column naming the segmentation (``scoring.per_image_long``), stacked.
+
+    ``missing``: what a pair where A or B has no rows gives: ``"raise"`` (ClaimsInputError) or
+    ``"nan"`` (:func:`empty_comparison` rows at the table's IoU thresholds, so a notebook whose
+    profile gives a model no tiles still runs and its claim is not made).
+    """
     if by not in per_image.columns:
         raise ClaimsInputError(f"per_image has no column {by!r} naming the segmentations")
-    tables = [compare(per_image[per_image[by] == a], per_image[per_image[by] == b], a=a, b=b, **options)
-              for a, b in pairs]
+    if missing not in ("raise", "nan"):
+        raise ClaimsInputError(f"missing={missing!r}: 'raise' or 'nan'")
+    wanted = options.get("thresholds")
+    ths = metrics.check_thresholds(wanted) if wanted is not None else sorted(
+        {float(t) for t in per_image["threshold"]}) if "threshold" in per_image.columns else []
+    tables = []
+    for a, b in pairs:
+        ta, tb = per_image[per_image[by] == a], per_image[per_image[by] == b]
+        if missing == "nan" and (ta.empty or tb.empty):
+            why = f"no tiles for {a if ta.empty else b}: nothing to compare"
+            tables.append(empty_comparison(a, b, ths, why, ci_level=options.get("ci_level", 0.95),
+                                           n_resamples=options.get("n_resamples", 2000)))
+        else:
+            tables.append(compare(ta, tb, a=a, b=b, **options))
     return pd.concat(tables, ignore_index=True)
 
 
@@ -557,6 +593,88 @@ def claim_keys(table: pd.DataFrame, name: str, *, metric: str = "ap", threshold:
     return {name: round(float(r["difference"]), digits), f"{name}_ci_low": round(float(r["ci_low"]), digits),
             f"{name}_ci_high": round(float(r["ci_high"]), digits), f"{name}_p_value": round(float(r["p_value"]), digits),
             flag: claim_holds(float(r["ci_low"]), float(r["ci_high"]), direction)}
+
+
+# --------------------------------------------------------------------------- summary keys of the notebooks
+
+
+def slug(name: str) -> str:
+    """A segmentation's name as part of a summary key: ``baseline[gfap+iba1]`` -> ``baseline_gfap_iba1``."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", str(name)).strip("_")
+
+
+def interval_note(n_donors: int) -> str:
+    """Why a comparison of ``n_donors`` donors has no interval or a very wide one ('' when it is usable)."""
+    if n_donors <= 0:
+        return "no tiles: nothing to compare, no claim"
+    if n_donors == 1:
+        return "1 donor: no interval (the spread between donors needs at least 2), no claim"
+    if n_donors == 2:
+        return "2 donors: a t interval with 1 degree of freedom, very wide"
+    return ""
+
+
+def claim_summary(table: pd.DataFrame, a: str, b: str, *, prefix: str, suffix: str = "", metric: str = "ap",
+                  threshold: float = 0.5, digits: int = 4) -> dict:
+    """The summary keys of the comparison (a, b) of a :func:`compare_pairs` table, named by the
+    convention that :func:`find_claims` (and the status page) reads back:
+
+    ``<prefix>_diff_<b>_vs_<a><suffix>`` (B - A, fraction) with ``_ci_low``, ``_ci_high``,
+    ``_p_value``, ``_n_donors`` and, when the interval is missing or very wide, ``_note``
+    (:func:`interval_note`); the flag ``<b>_beats_<a><suffix>``, True only when the interval lies
+    above 0 (:func:`claim_keys`). Names pass through :func:`slug`; ``prefix`` is the split and
+    metric, e.g. ``test_ap50``.
+    """
+    rows = table[(table["a"] == a) & (table["b"] == b)]
+    name = f"{prefix}_diff_{slug(b)}_vs_{slug(a)}{suffix}"
+    out = claim_keys(rows, name, metric=metric, threshold=threshold, claim=f"{slug(b)}_beats_{slug(a)}{suffix}",
+                     digits=digits)
+    n_donors = int(rows["n_donors"].iloc[0])
+    out[f"{name}_n_donors"] = n_donors
+    if interval_note(n_donors):
+        out[f"{name}_note"] = interval_note(n_donors)
+    return out
+
+
+def interval_label(table: pd.DataFrame) -> str:
+    """What the intervals of a :func:`compare` or :func:`grid_range` table are, in words for a
+    figure or table: e.g. ``95% t interval over donors`` (the default)."""
+    level = float(table["ci_level"].iloc[0]) if len(table) and "ci_level" in table else 0.95
+    methods = [str(m) for m in table["method"] if not str(m).startswith("no tiles")] if "method" in table else []
+    method = methods[0] if methods else "t interval (delete-one-donor jackknife SE)"
+    if method.startswith("t interval"):
+        return f"{level:.0%} t interval over {'donors' if 'one-donor' in method else 'tiles'}"
+    kind = "BCa" if method.startswith("bca") else "percentile"
+    over = ("tiles, ignoring donors" if "ignoring donors" in method
+            else "donors, then tiles within donors" if "then tiles" in method else "donors")
+    return f"{level:.0%} {kind} interval, bootstrap of {over}"
+
+
+def find_claims(summary: dict) -> list[dict]:
+    """The claims of a run's ``summary.json`` written by :func:`claim_summary`, in the summary's
+    order: for each flag ``<x>_beats_<y>`` whose difference key ``..._diff_<x>_vs_<y>`` is there,
+    {flag, holds, winner (x), loser (y), key, prefix, difference, ci_low, ci_high, p_value,
+    n_donors, note}; the difference is x - y (a ``..._diff_<y>_vs_<x>`` key is turned around)."""
+    def number(v, sign):
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) else sign * float(v)
+
+    found = []
+    for flag, holds in summary.items():
+        if not isinstance(holds, bool) or "_beats_" not in flag:
+            continue
+        x, y = flag.split("_beats_", 1)
+        for sign, tail in ((1.0, f"_diff_{x}_vs_{y}"), (-1.0, f"_diff_{y}_vs_{x}")):
+            key = next((k for k in summary if k.endswith(tail) and f"{k}_ci_low" in summary), None)
+            if key is None:
+                continue
+            bounds = [number(summary.get(f"{key}_ci_{side}"), sign) for side in ("low", "high")]
+            found.append({"flag": flag, "holds": holds, "winner": x, "loser": y, "key": key,
+                          "prefix": key[: -len(tail)], "difference": number(summary.get(key), sign),
+                          "ci_low": bounds[0] if sign > 0 else bounds[1],
+                          "ci_high": bounds[1] if sign > 0 else bounds[0], "p_value": summary.get(f"{key}_p_value"),
+                          "n_donors": summary.get(f"{key}_n_donors"), "note": summary.get(f"{key}_note", "")})
+            break
+    return found
 
 
 # --------------------------------------------------------------------------- one model across a parameter (E4)

@@ -6,8 +6,9 @@ is loaded from the network, and figures are embedded as base64 PNGs, so a
 report opens on a cluster node or from an e-mail attachment.
 
 The status page has one row per experiment and profile: the latest run, its
-status, date, commit, headline numbers from its ``summary.json`` and a link to
-its report. Every output listed in the manifest is checked against its
+status, date, commit, its claims with their intervals (``<b>_beats_<a>`` flags
+and their ``..._diff_<b>_vs_<a>`` differences, :func:`seglab.evaluate.claims.find_claims`),
+headline numbers from its ``summary.json`` and a link to its report. Every output listed in the manifest is checked against its
 sha256: a file that is gone is flagged MISSING, one whose content differs
 CHANGED (the seed project lost two experiments' outputs without noticing).
 """
@@ -21,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from seglab.core import io
+from seglab.evaluate import claims
 from seglab.core import paths
 from seglab.workflow.chain import load_experiments
 from seglab.workflow.runs import STARTING, ReportSteps, check_outputs, list_runs, read_manifest, utc_now
@@ -28,6 +30,7 @@ from seglab.workflow.runs import STARTING, ReportSteps, check_outputs, list_runs
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
 TEMPLATE_NAME = "offline"
 MAX_HEADLINES = 10
+MAX_CLAIMS = 4
 
 
 def render_notebook(notebook: Path, target: Path) -> Path:
@@ -158,13 +161,69 @@ def headline_html(key: str, value) -> str:
             f"<code class='key'>{e(str(key))}</code></li>")
 
 
+# keys of claims and intervals: shown as claims (claims_html), not as headline numbers
+CLAIM_SUFFIXES = ("_ci_low", "_ci_high", "_p_value", "_n_donors", "_note")
+CLAIM_KEYS = ("claims_interval", "headline_claim")
+
+
+def claim_keys_of(summary: dict) -> set:
+    """The keys :func:`claims_html` shows: each claim's flag and difference with its bounds,
+    p-value, donors and note; any other key's ``_ci_low`` / ``_ci_high`` / ``_p_value`` /
+    ``_n_donors`` / ``_note`` (E4's ranges: the range itself stays a headline number); and
+    ``claims_interval``, ``headline_claim``."""
+    keys = {k for k in CLAIM_KEYS if k in summary}
+    for c in claims.find_claims(summary):
+        keys |= {c["flag"], c["key"]}
+    for k in summary:
+        stem = next((str(k)[: -len(x)] for x in CLAIM_SUFFIXES if str(k).endswith(x)), None)
+        if stem and f"{stem}_ci_low" in summary:
+            keys.add(k)
+    return keys
+
+
 def headline_items(summary: dict, limit: int = MAX_HEADLINES) -> list[tuple]:
     """The numbers the status page shows: test AP@0.5 first, then other test and validation
-    numbers (``<split>_<metric>_<model>``), then the rest; at most ``limit``."""
+    numbers (``<split>_<metric>_<model>``), then the rest; at most ``limit``; the keys of claims
+    (:func:`claim_keys_of`) are left to :func:`claims_html`."""
     def rank(key: str) -> int:
         return next((i for i, p in enumerate(HEADLINE_ORDER) if key.startswith(p)), len(HEADLINE_ORDER))
-    keys = sorted(summary, key=lambda k: (rank(k), list(summary).index(k)))
+    order, hidden = list(summary), claim_keys_of(summary)
+    keys = sorted((k for k in summary if k not in hidden), key=lambda k: (rank(k), order.index(k)))
     return [(k, summary[k]) for k in keys[:limit]]
+
+
+def claim_text(claim: dict) -> str:
+    """One claim in words (plain text): ``fine-tuned generic beats baseline: yes, +0.052 test AP@0.5
+    [0.021, 0.084], 6 donors``; ``no, the reverse holds`` when the interval lies below 0, ``not
+    shown`` when it includes 0 or is missing (with why)."""
+    metric = headline_label(claim["prefix"])[0] if claim["prefix"] else "difference"
+    d, low, high, n = claim["difference"], claim["ci_low"], claim["ci_high"], claim["n_donors"]
+    reverse = low is not None and high is not None and claims.claim_holds(low, high, "less")
+    verdict = "yes" if claim["holds"] else "no, the reverse holds" if reverse else "not shown"
+    words = f"{_words(claim['winner'].split('_'))} beats {_words(claim['loser'].split('_'))}: {verdict}"
+    if d is None:
+        return f"{words} ({claim['note'] or 'no estimate'})"
+    interval = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else " (no interval)"
+    donors = f", {n} donor{'s' * (n != 1)}" if n is not None else ""
+    note = f"; {claim['note']}" if claim.get("note") else ""
+    return f"{words}, {d:+.3f} {metric}{interval}{donors}{note}"
+
+
+def claims_html(summary: dict, limit: int = MAX_CLAIMS) -> str:
+    """The run's claims (:func:`seglab.evaluate.claims.find_claims`), the ``headline_claim`` first,
+    at most ``limit``, under a line saying which interval decides them ('' without claims)."""
+    e = html.escape
+    found = claims.find_claims(summary)
+    if not found:
+        return ""
+    first = summary.get("headline_claim")
+    found.sort(key=lambda c: c["flag"] != first)
+    items = "".join(f"<li class='{'holds' if c['holds'] else 'open'}' title='{e(c['flag'])}'>{e(claim_text(c))}</li>"
+                    for c in found[:limit])
+    more = f"<li>... {len(found) - limit} more in summary.json</li>" if len(found) > limit else ""
+    interval = summary.get("claims_interval") or "95% interval"
+    return (f"<div class='claims'>claims ({e(str(interval))}; yes only when the interval excludes 0):"
+            f"<ul>{items}{more}</ul></div>")
 
 
 def _last_done(run_dirs: list[Path], root: Path) -> dict:
@@ -219,6 +278,7 @@ th{background:#f3f3f3}
 .running,.starting{color:#8a5a00;font-weight:600}.flag{color:#b00020;font-weight:700}
 code{font-size:12px}ul{margin:0;padding-left:1.1em}
 .unit{color:#666;font-size:12px}code.key{color:#777;font-size:11px}
+.claims{margin-bottom:.4em}.claims li.holds{color:#17672a}.claims li.open{color:#555}
 """
 
 
@@ -243,7 +303,8 @@ def build_index() -> Path:
             git = r["git"]
             commit = (git.get("commit") or "no git")[:10] + (" (dirty)" if git.get("dirty") else "")
             heads = headline_items(r.get("summary") or {})
-            head_html = "<ul>" + "".join(headline_html(k, v) for k, v in heads) + "</ul>" if heads else ""
+            head_html = claims_html(r.get("summary") or {})
+            head_html += "<ul>" + "".join(headline_html(k, v) for k, v in heads) + "</ul>" if heads else ""
             if r.get("error"):
                 err = r["error"]
                 head_html += f"<div class='failed'>{e(str(err.get('ename')))}: {e(str(err.get('evalue')))}</div>"
