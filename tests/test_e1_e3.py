@@ -14,6 +14,7 @@ import pytest
 from seglab import SeglabError
 from seglab.config.settings import MaskSettings
 from seglab.data import splitset
+from seglab.evaluate import claims
 from seglab.experiments import e1_baseline_vs_finetune as e1
 from seglab.experiments import e3_gating as e3
 from seglab.plots import evaluation as plots
@@ -171,9 +172,48 @@ def test_examples_take_the_selected_masks_of_the_tiles_picked(swept):
     assert shown.truths[0] is tiles.test.masks[0] and len(shown.preds["baseline"]) == 1
 
 
+def test_e1_claims_pair_each_variant_with_the_baseline_at_both_thresholds(swept):
+    tiles, default, _, selected, _ = swept
+    found = e1.claim_tables(default, selected, ["gfap"])
+    assert found.interval == "95% t interval over donors"
+    shown = found.shown()
+    assert list(zip(shown["thresholds"], shown["a"], shown["b"])) == [
+        (t, a, b) for t in ("default", "selected") for a, b in e1.claim_pairs(["gfap"])]
+    at = shown.set_index(["thresholds", "a", "b"])
+    generic = at.loc[("default", "baseline", "finetuned_generic")]
+    # baseline AP 1 on both tiles; generic misses one of t0's 3 nuclei: 4/5 pooled
+    assert (generic["estimate_a"], generic["estimate_b"]) == (1.0, 0.8)
+    assert generic["difference"] == pytest.approx(-0.2) and (generic["n_donors"], generic["n_tiles"]) == (2, 2)
+    # two donors: the jackknife SE is 1/6, the t quantile with 1 df 12.706
+    half = 12.706204736 / 6
+    assert (generic["ci_low"], generic["ci_high"]) == pytest.approx((-0.2 - half, -0.2 + half))
+    # the gfap tiles are one tile of one donor: no interval, no claim
+    one = at.loc[("default", "baseline[gfap]", "finetuned_marker_specific")]
+    assert one["n_donors"] == 1 and np.isnan(one["ci_low"]) and not one["b_beats_a"]
+    # at the selected thresholds every model is perfect: a zero-width interval at 0, no claim
+    same = at.loc[("selected", "baseline", "finetuned_generic")]
+    assert (same["difference"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0) and not same["b_beats_a"]
+    # the subsets at the selected thresholds are the per-tile rows of the marker's tiles
+    sub = at.loc[("selected", "finetuned_generic[gfap]", "finetuned_marker_specific")]
+    assert (sub["n_tiles"], sub["estimate_a"]) == (1, 1.0)
+
+
+def test_with_marker_subsets_gives_the_rows_test_at_default_scores(swept):
+    _, default, _, _, _ = swept
+    full = default.per_image
+    plain = full[~full["model"].str.contains(r"\[", regex=True)]
+    again = e1.with_marker_subsets(plain, ["gfap"])
+    for name in ("baseline[gfap]", "finetuned_generic[gfap]"):
+        mine = again[again["model"] == name].reset_index(drop=True)
+        theirs = full[full["model"] == name].reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine[theirs.columns], theirs)
+    assert len(e1.with_marker_subsets(full, ["gfap"])) == len(full)   # present already: nothing added
+
+
 def test_e1_headline_numbers(swept):
     tiles, default, _, selected, _ = swept
-    numbers = e1.headline(default.comparison, selected.table, ["gfap"], len(tiles.test))
+    found = e1.claim_tables(default, selected, ["gfap"])
+    numbers = e1.headline(default.comparison, selected.table, ["gfap"], len(tiles.test), found)
     assert numbers["test_ap50_baseline"] == 1.0 and numbers["test_ap50_finetuned_generic"] == 0.8
     assert numbers["test_recall_finetuned_generic"] == 0.8 and numbers["test_precision_finetuned_generic"] == 1.0
     assert numbers["test_f1_finetuned_generic"] == round(8 / 9, 4)
@@ -183,8 +223,25 @@ def test_e1_headline_numbers(swept):
     assert numbers["test_ap50_finetuned_generic_selected"] == 1.0 and numbers["val_f1_selected_baseline"] == 1.0
     assert numbers["flow_threshold_selected_finetuned_marker_only"] == 0.8
     assert numbers["cellprob_threshold_selected_finetuned_marker_only"] == 0.0
-    assert numbers["finetuned_generic_beats_baseline"] is False and numbers["n_test_tiles"] == 2
-    assert len(numbers) == 4 * 9 + 2 + 2
+    assert numbers["n_test_tiles"] == 2
+    # the flag follows the interval: -0.2 [-2.32, 1.92] over 2 donors crosses 0
+    key = "test_ap50_diff_finetuned_generic_vs_baseline"
+    assert numbers[key] == -0.2 and numbers[f"{key}_ci_low"] < 0 < numbers[f"{key}_ci_high"]
+    assert numbers["finetuned_generic_beats_baseline"] is False and numbers[f"{key}_n_donors"] == 2
+    assert numbers[f"{key}_note"].startswith("2 donors")
+    one = "test_ap50_diff_finetuned_marker_specific_vs_baseline_gfap"
+    assert np.isnan(numbers[f"{one}_ci_low"]) and numbers["finetuned_marker_specific_beats_baseline_gfap"] is False
+    assert numbers[f"{one}_note"].startswith("1 donor")
+    assert numbers["test_ap50_diff_finetuned_generic_vs_baseline_selected"] == 0.0
+    assert numbers["finetuned_generic_beats_baseline_selected"] is False
+    assert numbers["claims_interval"] == "95% t interval over donors"
+    assert numbers["headline_claim"] == "finetuned_generic_beats_baseline"
+    flags = sorted(k for k in numbers if "_beats_" in k)
+    assert flags == sorted(f"{b}_beats_{a}{s}" for s in ("", "_selected") for a, b in (
+        ("baseline", "finetuned_generic"), ("baseline", "finetuned_marker_only"),
+        ("baseline_gfap", "finetuned_marker_specific"), ("finetuned_generic_gfap", "finetuned_marker_specific")))
+    # each claim: difference, ci_low, ci_high, p_value, n_donors, note (all have at most 2 donors), flag
+    assert len(numbers) == 4 * 9 + 2 + 1 + 8 * 7 + 2
 
 
 def test_e1_figures(swept):
@@ -255,7 +312,9 @@ def test_test_before_after_records_twice_per_model_and_counts_what_the_gate_remo
     assert ba.at["none", "ap"] == pytest.approx(3 / 4) and ba.at["val_selected", "ap"] == pytest.approx(1.0)
     assert result.removed().loc["area", ("removed_fp", "baseline")] == 1
     assert sorted(result.tables()) == ["test_before_after.csv", "test_gate_decisions_baseline.csv",
-                                       "test_removed_by_reason.csv"]
+                                       "test_per_image.csv", "test_removed_by_reason.csv"]
+    assert list(result.per_image["model"]) == ["baseline", "baseline_gated"]
+    assert list(result.per_image["fp"]) == [1, 0] and set(result.per_image["threshold"]) == {0.5}
     assert "q_low" in result.shown().columns and "n_pred" not in result.shown().columns
     numbers = e3.headline(result.before_after, result.effect, selected, "px", wall_s=1.234)
     assert numbers == {"test_ap50_baseline": 0.75, "test_ap50_baseline_gated": 1.0, "test_precision_baseline": 0.75,
@@ -265,6 +324,42 @@ def test_test_before_after_records_twice_per_model_and_counts_what_the_gate_remo
                        "gate_q_high_baseline": 1.0, "gate_min_area_px_baseline": 20.0, "gate_area_unit": "px",
                        "wall_s": 1.2}
     assert len(plots.plot_gate_before_after(result.before_after).axes) == 3
+    # one tile of one donor: the gate's effect has no interval, so no claim
+    found = e3.gate_claims(result)
+    row = found[(found["metric"] == "ap")].iloc[0]
+    assert (row["a"], row["b"], row["difference"], row["n_donors"]) == ("baseline", "baseline_gated", 0.25, 1)
+    assert np.isnan(row["ci_low"]) and np.isnan(row["ci_high"])
+    with_claims = e3.headline(result.before_after, result.effect, selected, "px", claims_table=found)
+    key = "test_ap50_diff_baseline_gated_vs_baseline"
+    assert {k: v for k, v in with_claims.items() if k not in numbers} == {
+        key: 0.25, f"{key}_ci_low": with_claims[f"{key}_ci_low"], f"{key}_ci_high": with_claims[f"{key}_ci_high"],
+        f"{key}_p_value": 1.0, f"{key}_n_donors": 1, f"{key}_note": claims.interval_note(1),
+        "baseline_gated_beats_baseline": False, "claims_interval": "95% t interval over donors"}
+    assert np.isnan(with_claims[f"{key}_ci_low"])
+
+
+def _gate_test_of_donors(deltas):
+    """A GateTest whose per-tile rows give the gated masks ``delta`` more true positives (fewer
+    false negatives) than the ungated ones on each tile; one tile per donor."""
+    rows = []
+    for i, d in enumerate(deltas):
+        for name, tp in (("baseline", 5), ("baseline_gated", 5 + d)):
+            rows.append({"model": name, "image": f"t{i}", "donor": f"d{i}", "marker": "gfap", "threshold": 0.5,
+                         "tp": tp, "fp": 2, "fn": 10 - tp})
+    return e3.GateTest(before_after=pd.DataFrame(), effect=pd.DataFrame(), decisions={}, gated={},
+                       per_image=pd.DataFrame(rows))
+
+
+def test_e3_gate_claim_holds_only_when_the_interval_excludes_zero():
+    clear = e3.gate_claims(_gate_test_of_donors([1, 2, 1, 2, 1]))
+    row = clear[clear["metric"] == "ap"].iloc[0]
+    assert row["ci_low"] > 0 and claims.claim_summary(clear, "baseline", "baseline_gated", prefix="test_ap50")[
+        "baseline_gated_beats_baseline"] is True
+    mixed = e3.gate_claims(_gate_test_of_donors([2, -2, 1, -1, 0]))
+    keys = claims.claim_summary(mixed, "baseline", "baseline_gated", prefix="test_ap50")
+    assert keys["test_ap50_diff_baseline_gated_vs_baseline_ci_low"] < 0 < keys[
+        "test_ap50_diff_baseline_gated_vs_baseline_ci_high"]
+    assert keys["baseline_gated_beats_baseline"] is False
 
 
 def test_run_save_outputs_writes_each_kind_under_its_name(tmp_path):

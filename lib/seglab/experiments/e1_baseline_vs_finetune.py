@@ -14,8 +14,11 @@ The notebook ``01_baseline_vs_finetune`` calls the steps in this order:
 4. :func:`test_at_default` and :func:`per_marker`: test at the default thresholds;
 5. :func:`validation_sweep` then :func:`test_at_selected`: thresholds selected on validation,
    applied once to test;
-6. :func:`examples`: test tiles with outlines;
-7. :func:`headline`: the run's ``summary.json`` numbers (and :func:`timings`: ``timings.json``).
+6. :func:`claim_tables`: each claim (every fine-tuned variant vs the baseline, the generic vs the
+   marker-specific model on the marker's tiles) as a paired difference with its 95% t interval
+   over donors (:mod:`seglab.evaluate.claims`), at the default and the selected thresholds;
+7. :func:`examples`: test tiles with outlines;
+8. :func:`headline`: the run's ``summary.json`` numbers (and :func:`timings`: ``timings.json``).
 
 Every test evaluation goes through the ``record`` callable (``run.record_test_evaluation``),
 once per model and configuration.
@@ -35,7 +38,7 @@ from seglab.config.settings import DIAMETER_AUTO, MaskSettings, TrainSettings
 from seglab.core import paths
 from seglab.data import manifest as data
 from seglab.data import splitset
-from seglab.evaluate import metrics, scoring, sweeps
+from seglab.evaluate import claims, metrics, scoring, sweeps
 from seglab.experiments.items import Item, finetune_item
 from seglab.segment import dynamics, finetuning, models, output_cache
 
@@ -389,7 +392,65 @@ def test_at_selected(tiles: E1Tiles, outputs: NetworkOutputs, sweep: ThresholdSw
     return AtSelected(masks=masks, evaluations=evaluations, table=selected_vs_default(sweep, default, after))
 
 
-# --------------------------------------------------------------------------- 6. examples
+# --------------------------------------------------------------------------- 6. claims with their intervals
+
+
+def claim_pairs(markers: Sequence[str]) -> list[tuple[str, str]]:
+    """The (A, B) comparisons E1 claims, B - A: each fine-tuned variant vs the baseline on every
+    test tile, and the marker-specific model vs the baseline and vs the generic model on the tiles
+    of ``markers`` (``model[markers]`` rows)."""
+    return [("baseline", "finetuned_generic"), ("baseline", "finetuned_marker_only"),
+            (marker_subset_name("baseline", markers), "finetuned_marker_specific"),
+            (marker_subset_name("finetuned_generic", markers), "finetuned_marker_specific")]
+
+
+def with_marker_subsets(per_image: pd.DataFrame, markers: Sequence[str]) -> pd.DataFrame:
+    """``per_image`` (``scoring.per_image_long`` rows) plus, where absent, the ``model[markers]`` rows
+    of :data:`MARKER_SUBSET_MODELS`: their rows on the tiles of ``markers`` (the same per-tile counts
+    :func:`test_at_default` scores those subsets with)."""
+    extra = [per_image[(per_image["model"] == m) & per_image["marker"].isin(list(markers))]
+             .assign(model=marker_subset_name(m, markers)) for m in MARKER_SUBSET_MODELS
+             if marker_subset_name(m, markers) not in set(per_image["model"])]
+    return pd.concat([per_image, *extra], ignore_index=True)
+
+
+@dataclass
+class Claims:
+    """E1's claims. table: :func:`seglab.evaluate.claims.compare_pairs` rows of :func:`claim_pairs`
+    (difference B - A in pooled ap, f1, precision, recall at each IoU threshold, with ci_low,
+    ci_high, p_value, n_donors; fractions) and a ``thresholds`` column: ``default`` or
+    ``selected`` (the validation-selected ones); interval: which interval, in words."""
+
+    table: pd.DataFrame
+    interval: str
+
+    def of(self, thresholds: str = "default") -> pd.DataFrame:
+        """The rows at the default or the selected thresholds."""
+        return self.table[self.table["thresholds"] == thresholds]
+
+    def shown(self, iou: float = HEADLINE_IOU) -> pd.DataFrame:
+        """The AP rows at IoU ``iou``, readable: thresholds, a, b, the two pooled APs, the difference
+        B - A, its interval, the p-value, donors and tiles, and whether the claim "B beats A" holds."""
+        t = self.table[(self.table["metric"] == "ap") & np.isclose(self.table["threshold"], iou)]
+        t = t[["thresholds", "a", "b", "estimate_a", "estimate_b", "difference", "ci_low", "ci_high", "p_value",
+               "n_donors", "n_tiles"]]
+        return t.assign(b_beats_a=[claims.claim_holds(lo, hi) for lo, hi in zip(t["ci_low"], t["ci_high"])])
+
+
+def claim_tables(default: AtDefault, selected: AtSelected | None, markers: Sequence[str], **options) -> Claims:
+    """Step 6: the paired, donor-clustered comparisons of :func:`claim_pairs` on the test tiles, at
+    the default thresholds and (``selected`` given) at the validation-selected ones. A pair whose
+    model has no tiles gives NaN rows (no claim). ``options``: :func:`seglab.evaluate.claims.compare`'s."""
+    pairs = claim_pairs(markers)
+    tables = [claims.compare_pairs(default.per_image, pairs, missing="nan", **options).assign(thresholds="default")]
+    if selected is not None:
+        per_image = with_marker_subsets(scoring.per_image_long(selected.evaluations), markers)
+        tables.append(claims.compare_pairs(per_image, pairs, missing="nan", **options).assign(thresholds="selected"))
+    table = pd.concat(tables, ignore_index=True)
+    return Claims(table=table, interval=claims.interval_label(table))
+
+
+# --------------------------------------------------------------------------- 7. examples
 
 
 @dataclass
@@ -414,10 +475,27 @@ def examples(tiles: E1Tiles, default: AtDefault, selected: AtSelected, n: int,
                     labels=[f"{t} ({m})" for t, m in zip(sub.names, sub.rows["marker"])])
 
 
-# --------------------------------------------------------------------------- 7. headline numbers
+# --------------------------------------------------------------------------- 8. headline numbers
 
 
-def headline(comparison: pd.DataFrame, selected: pd.DataFrame, markers: Sequence[str], n_test_tiles: int) -> dict:
+def claim_numbers(found: Claims, markers: Sequence[str]) -> dict:
+    """The summary keys of each claim (:func:`seglab.evaluate.claims.claim_summary`, AP@0.5):
+    ``test_ap50_diff_<b>_vs_<a>`` with ``_ci_low``, ``_ci_high``, ``_p_value``, ``_n_donors`` (and
+    ``_note`` with fewer than 3 donors) beside the flag ``<b>_beats_<a>``; the same with the suffix
+    ``_selected`` at the selected thresholds; ``claims_interval`` (which interval) and
+    ``headline_claim`` (the status page shows it first)."""
+    numbers = {}
+    for which, suffix in (("default", ""), ("selected", "_selected")):
+        table = found.of(which)
+        if not table.empty:
+            for a, b in claim_pairs(markers):
+                numbers.update(claims.claim_summary(table, a, b, prefix="test_ap50", suffix=suffix,
+                                                    threshold=HEADLINE_IOU))
+    return {**numbers, "claims_interval": found.interval, "headline_claim": "finetuned_generic_beats_baseline"}
+
+
+def headline(comparison: pd.DataFrame, selected: pd.DataFrame, markers: Sequence[str], n_test_tiles: int,
+             found: Claims) -> dict:
     """The run's summary numbers.
 
     Parameters
@@ -426,13 +504,16 @@ def headline(comparison: pd.DataFrame, selected: pd.DataFrame, markers: Sequence
     selected : :attr:`AtSelected.table`; its models are the ones reported.
     markers : the marker-specific model's markers (``model[markers]`` rows of ``comparison``).
     n_test_tiles : annotated test tiles.
+    found : :func:`claim_tables`.
 
     Returns
     -------
     dict: per model ``test_{ap50,precision,recall,f1,ap75}_<model>`` (pooled, default thresholds),
     ``test_ap50_<model>_selected``, ``val_f1_selected_<model>``, ``{flow,cellprob}_threshold_selected_<model>``;
-    ``test_ap50_<model>_<markers>`` for :data:`MARKER_SUBSET_MODELS`; ``finetuned_generic_beats_baseline``;
-    ``n_test_tiles``. Fractions rounded to 4 decimals.
+    ``test_ap50_<model>_<markers>`` for :data:`MARKER_SUBSET_MODELS`; ``n_test_tiles``; the claims of
+    :func:`claim_numbers`. ``finetuned_generic_beats_baseline`` is True only when the 95% interval
+    of the AP@0.5 difference lies above 0 (before this, it compared the two point estimates).
+    Fractions rounded to 4 decimals.
     """
     ap50 = comparison[np.isclose(comparison["threshold"], 0.5)].set_index("model")
     ap75 = comparison[np.isclose(comparison["threshold"], 0.75)].set_index("model")
@@ -448,10 +529,8 @@ def headline(comparison: pd.DataFrame, selected: pd.DataFrame, markers: Sequence
         numbers[f"cellprob_threshold_selected_{name}"] = float(s["cellprob_threshold"])
     for name in MARKER_SUBSET_MODELS:
         numbers[f"test_ap50_{name}_{'_'.join(markers)}"] = round(float(ap50.at[marker_subset_name(name, markers), "ap"]), 4)
-    numbers["finetuned_generic_beats_baseline"] = bool(numbers["test_ap50_finetuned_generic"]
-                                                       > numbers["test_ap50_baseline"])
     numbers["n_test_tiles"] = int(n_test_tiles)
-    return numbers
+    return {**numbers, **claim_numbers(found, markers)}
 
 
 def timings(fits: FineTunes, outputs: NetworkOutputs, sweep: ThresholdSweep, started: float) -> dict:

@@ -9,14 +9,16 @@ that notebook 01 filled). The notebook ``03_gating`` calls the steps in this ord
 2. :func:`annotated_tiles`, :func:`gate_models`, :func:`predictions`: the tiles and masks gated;
 3. :func:`validation_instances`: every predicted instance on validation, matched or not;
 4. :func:`gate_sweep`: the grid scored on validation, the best gate per model selected;
-5. :func:`test_before_after`: the selected gates applied once to test;
-6. :func:`headline`: the run's ``summary.json`` numbers.
+5. :func:`test_before_after`: the selected gates applied once to test (pooled and per tile);
+6. :func:`gate_claims`: gated vs ungated per model, the paired AP difference with its 95% t
+   interval over donors (:mod:`seglab.evaluate.claims`);
+7. :func:`headline`: the run's ``summary.json`` numbers.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +29,7 @@ from seglab.config.settings import MaskSettings
 from seglab.core import paths
 from seglab.data import manifest as data
 from seglab.data import splitset
-from seglab.evaluate import scoring, sweeps
+from seglab.evaluate import claims, scoring, sweeps
 from seglab.experiments.items import reference_generic
 from seglab.segment import finetuning, models, output_cache, postprocess
 
@@ -200,12 +202,15 @@ class GateTest:
     """The selected gates on test. before_after: per model a ``none`` and a ``val_selected`` row
     (the gate's fields, pooled tp, fp, fn, n_pred, precision, recall, f1, ap at IoU 0.5); effect:
     removed instances by reason and model (removed_fp, removed_tp); decisions: {model: one row per
-    predicted test instance, kept or removed and why}; gated: {model: gated labels per tile}."""
+    predicted test instance, kept or removed and why}; gated: {model: gated labels per tile};
+    per_image: ``Evaluation.per_image`` rows at IoU 0.5 (image, marker, donor, tp, fp, fn, ...) with a
+    ``model`` column: ``<model>`` without a gate, ``<model>_gated`` with it (``test_per_image.csv``)."""
 
     before_after: pd.DataFrame
     effect: pd.DataFrame
     decisions: dict[str, pd.DataFrame]
     gated: dict[str, list[np.ndarray]]
+    per_image: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def shown(self) -> pd.DataFrame:
         """The before/after table's readable columns."""
@@ -218,6 +223,7 @@ class GateTest:
     def tables(self) -> dict[str, pd.DataFrame]:
         """{file name: table} of the run: before/after, removed by reason, decisions per model."""
         return {"test_before_after.csv": self.before_after, "test_removed_by_reason.csv": self.effect,
+                "test_per_image.csv": self.per_image,
                 **{f"test_gate_decisions_{name}.csv": d for name, d in self.decisions.items()}}
 
 
@@ -225,8 +231,8 @@ def test_before_after(test: splitset.SplitSet, preds: dict, selected: dict[str, 
                       record: Record) -> GateTest:
     """Step 5: per model, the test tiles without a gate (recorded as ``<model>@no_gate``) and with
     the validation-selected gate (``<model>@val_selected_gate``), pooled at IoU 0.5, and which
-    instances the gate removed (false or true positives, by reason)."""
-    rows, effects, decisions, gated = [], [], {}, {}
+    instances the gate removed (false or true positives, by reason); per tile for :func:`gate_claims`."""
+    rows, effects, decisions, gated, per_image = [], [], {}, {}, []
     for name, p in preds.items():
         gate = postprocess.gate_from_row(selected[name], space.area_unit)
         record(f"{name}@no_gate", {"gate": None})
@@ -239,15 +245,26 @@ def test_before_after(test: splitset.SplitSet, preds: dict, selected: dict[str, 
         rows += [{"model": name, "gate": "none", **before},
                  {"model": name, "gate": "val_selected", **gate.as_dict(), **after}]
         effects.append(postprocess.gate_effect(decisions[name]).assign(model=name))
+        per_image += [scoring.evaluate_masks(test, masks, (IOU,)).per_image.assign(model=label)
+                      for label, masks in ((name, p["test"]), (f"{name}_gated", gated[name]))]
     return GateTest(before_after=pd.DataFrame(rows), effect=pd.concat(effects, ignore_index=True),
-                    decisions=decisions, gated=gated)
+                    decisions=decisions, gated=gated, per_image=pd.concat(per_image, ignore_index=True))
+
+
+def gate_claims(gated: GateTest, **options) -> pd.DataFrame:
+    """Step 6: per model, its gated test masks vs its ungated ones (A = ``<model>``, B =
+    ``<model>_gated``): the paired difference B - A in pooled ap, f1, precision, recall at IoU 0.5
+    with its interval and p-value (:func:`seglab.evaluate.claims.compare_pairs`; NaN rows for a model
+    without test tiles). ``options``: :func:`seglab.evaluate.claims.compare`'s."""
+    names = [m for m in dict.fromkeys(gated.per_image["model"]) if not str(m).endswith("_gated")]
+    return claims.compare_pairs(gated.per_image, [(m, f"{m}_gated") for m in names], missing="nan", **options)
 
 
 # --------------------------------------------------------------------------- 6. headline numbers
 
 
 def headline(before_after: pd.DataFrame, effect: pd.DataFrame, selected: dict[str, dict], area_unit: str,
-             wall_s: float | None = None) -> dict:
+             wall_s: float | None = None, claims_table: pd.DataFrame | None = None) -> dict:
     """The run's summary numbers.
 
     Parameters
@@ -256,6 +273,10 @@ def headline(before_after: pd.DataFrame, effect: pd.DataFrame, selected: dict[st
     selected : :attr:`GateSweep.selected` ({model: the validation-selected gate row}).
     area_unit : 'px' or 'um2' (the gate's minimum area key is ``gate_min_area_<unit>_<model>``).
     wall_s : seconds of the whole notebook, reported as ``wall_s`` when given.
+    claims_table : :func:`gate_claims`; adds per model ``test_ap50_diff_<model>_gated_vs_<model>``
+        with ``_ci_low``, ``_ci_high``, ``_p_value``, ``_n_donors`` (``_note`` under 3 donors) and
+        the flag ``<model>_gated_beats_<model>`` (True only when the interval lies above 0), and
+        ``claims_interval`` (:func:`seglab.evaluate.claims.claim_summary`).
 
     Returns
     -------
@@ -281,7 +302,11 @@ def headline(before_after: pd.DataFrame, effect: pd.DataFrame, selected: dict[st
             f"gate_q_low_{name}": float(chosen["q_low"]), f"gate_q_high_{name}": float(chosen["q_high"]),
             f"gate_{area_col}_{name}": float(chosen[area_col]),
         })
+        if claims_table is not None:
+            numbers.update(claims.claim_summary(claims_table, name, f"{name}_gated", prefix="test_ap50", threshold=IOU))
     numbers["gate_area_unit"] = area_unit
+    if claims_table is not None:
+        numbers["claims_interval"] = claims.interval_label(claims_table)
     if wall_s is not None:
         numbers["wall_s"] = round(float(wall_s), 1)
     return numbers
