@@ -35,7 +35,10 @@
 # leave-one-out models reach a mean pooled AP@0.5 of 0.818 against 0.821 for the generic model that
 # saw every marker (mean gap 0.002; 0.009 on validation), and beat the baseline (0.771) on every
 # marker. The one marker that costs something when left out is NeuN (gap 0.041); on the other four
-# the leave-one-out model is as good as or slightly better than the generic one.
+# the leave-one-out model is as good as or slightly better than the generic one. With one test tile
+# per donor and marker, no gap is a claim: every marker's 95% t interval over its 4-5 donors
+# includes 0, and over all held-out tiles the gap is about +0.002 with an interval of about +-0.02,
+# while the leave-one-out models beat the baseline there (about +0.05, the interval above 0).
 #
 # The steps are those of `seglab.experiments.e6_leave_one_marker_out`; a Slurm prepare array trains
 # the same fine-tunes beforehand (`seglab prepare 06`), and this notebook then finds them in the cache.
@@ -68,6 +71,7 @@ import time
 from seglab.core import workers
 from seglab.evaluate import scoring
 from seglab.experiments import e6_leave_one_marker_out as e6
+from seglab.plots import claims as plots_claims
 from seglab.plots import efficiency as plots_efficiency
 from seglab.workflow.runs import attach
 
@@ -129,14 +133,34 @@ run.save_figure(fig, "lomo_test_bars.png")
 fig
 
 # %% [markdown]
+# ## 4. How sure are we? Each held-out marker's gap with its interval
+#
+# Per held-out marker, on its test tiles (and over every held-out marker's tiles, `all`): the gap
+# generic - leave-one-out (what not annotating the marker costs) and leave-one-out - baseline (what
+# fine-tuning on the other markers gains), as paired differences in pooled AP@0.5 with their **95% t
+# interval over donors** (the donor is the unit of replication; `seglab.evaluate.claims`). A claim
+# such as `generic_beats_lomo_neun` is made only when the whole interval lies above 0; with one
+# donor there is no interval.
+
+# %%
+found = e6.marker_claims(test_per_image, design.markers)
+run.save_table(found, "test_claims.csv")
+fig = plots_claims.plot_differences(found, title="test: paired differences per held-out marker, pooled AP@0.5")
+run.save_figure(fig, "lomo_test_claims.png")
+display(fig)
+found[found["metric"] == "ap"].round(4)
+
+# %% [markdown]
 # ## Summary
 #
 # `test_ap50_lomo_<m>`, `test_ap50_generic_<m>`, `test_ap50_baseline_<m>`: pooled test AP@0.5 on
 # marker m's test tiles; `test_ap50_gap_mean`: the mean over markers of generic minus leave-one-out
-# (positive: the held-out marker's annotations matter); `val_ap50_gap_mean`: the same on validation
-# (`e6.headline`).
+# (positive: the held-out marker's annotations matter); `val_ap50_gap_mean`: the same on validation;
+# per marker m (and `all`) `test_ap50_diff_generic_vs_lomo_<m>` and `test_ap50_diff_lomo_vs_baseline_<m>`
+# with `_ci_low`, `_ci_high`, `_p_value`, `_n_donors` beside the flags `generic_beats_lomo_<m>` and
+# `lomo_beats_baseline_<m>` (`e6.headline`).
 
 # %%
-summary = run.summary(**e6.headline(design.markers, test_table, gaps, val_gaps, trained),
+summary = run.summary(**e6.headline(design.markers, test_table, gaps, val_gaps, trained, found),
                       notebook_s=round(time.monotonic() - t_start, 1))
 print(json.dumps(summary, indent=1))

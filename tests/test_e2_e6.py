@@ -186,3 +186,123 @@ def test_e6_marker_bars_draw_one_bar_per_model_and_marker_with_a_title():
     assert fig.axes[0].get_legend_handles_labels()[1] == [e6.MODEL_LABELS[m] for m in ("baseline", "generic", "lomo")]
     with pytest.raises(SeglabError, match="missing column"):
         plots_efficiency.plot_marker_bars(_table().drop(columns="ap_pooled"))
+
+
+# ---- claims with their intervals (issue #20) ------------------------------------------------
+
+def _tile_rows(model_or_budget, tp, *, seed=None, markers=None, n_true=10, fp=1):
+    """Per-tile rows at IoU 0.5, one tile per donor d0, d1, ...: ``tp[i]`` of ``n_true`` objects found."""
+    n = len(tp)
+    rows = pd.DataFrame({"image": [f"t{i}" for i in range(n)], "donor": [f"d{i}" for i in range(n)],
+                         "marker": markers or ["gfap"] * n, "threshold": 0.5, "tp": tp, "fp": fp,
+                         "fn": [n_true - t for t in tp]})
+    if seed is None:
+        return rows.assign(model=model_or_budget)
+    return rows.assign(budget=model_or_budget, budget_seed=seed)
+
+
+def _e2_claims_case():
+    per_image = pd.concat([_tile_rows(4, [6, 7, 6, 7], seed=0), _tile_rows(4, [7, 7, 7, 8], seed=1),
+                           _tile_rows(12, [9, 9, 8, 9], seed=0), _tile_rows(12, [9, 9, 9, 8], seed=1)],
+                          ignore_index=True)
+    refs = pd.concat([_tile_rows("baseline", [5, 6, 5, 6]), _tile_rows("finetuned_generic", [9, 9, 9, 9])])
+    return per_image, e2.References(scores={}, table=pd.DataFrame(), generic_record=None, per_image=refs)
+
+
+def test_e2_budgets_average_their_draws_per_tile_and_pair_with_each_reference():
+    per_image, references = _e2_claims_case()
+    means = e2.mean_over_draws(per_image)
+    assert means[means["budget"] == 4]["tp"].tolist() == [6.5, 7.0, 6.5, 7.5] and set(means["model"]) == {
+        "budget_4", "budget_12"}
+    assert (means["tp"] + means["fn"] == 10).all()   # the truth of each tile stays the tile's
+    table = e2.budget_claims(per_image, references)
+    ap = table[table["metric"] == "ap"]
+    assert list(zip(ap["a"], ap["b"], ap["budget"])) == [
+        ("finetuned_generic", "budget_4", 4), ("baseline", "budget_4", 4),
+        ("finetuned_generic", "budget_12", 12), ("baseline", "budget_12", 12)]
+    # pooled AP of the averaged counts: tp / (n_true + fp) = sum(tp) / 44
+    row = ap.iloc[0]
+    assert row["estimate_b"] == pytest.approx(27.5 / 44) and row["estimate_a"] == pytest.approx(36 / 44)
+    assert row["ci_high"] < 0 and (ap["n_donors"] == 4).all()
+    beats = ap[ap["a"] == "baseline"]
+    assert (beats["ci_low"] > 0).all()                 # every budget beats the baseline on every donor
+
+
+def test_e2_plateau_by_the_interval_and_its_keys():
+    per_image, references = _e2_claims_case()
+    table = e2.budget_claims(per_image, references)
+    twelve = table[(table["metric"] == "ap") & (table["b"] == "budget_12") & (table["a"] == "finetuned_generic")].iloc[0]
+    assert -0.1 < twelve["ci_low"] < 0
+    # the smallest budget whose interval of (budget - all tiles) stays above -tolerance
+    assert e2.plateau_by_interval(table, 0.1) == 12 and e2.plateau_by_interval(table, 0.0) is None
+    assert e2.plateau_by_interval(table, 1.0) == 4
+    numbers = e2.claim_numbers(table, 0.1)
+    assert numbers["plateau_budget_ci"] == 12 and numbers["claims_interval"] == "95% t interval over donors"
+    assert numbers["budget_4_beats_baseline"] is True and numbers["budget_12_beats_finetuned_generic"] is False
+    key = "val_ap50_diff_budget_4_vs_finetuned_generic"
+    assert numbers[key] == round(27.5 / 44 - 36 / 44, 4) and numbers[f"{key}_n_donors"] == 4
+    assert {f"{key}_ci_low", f"{key}_ci_high", f"{key}_p_value"} <= set(numbers)
+    # the headline keeps every earlier key and adds these
+    runs = _runs()
+    curve = e2.learning_curve(runs)
+    trained = e2.Trained(budget_fits=[_fit(True)] * 4, reference=_fit(True), wall_s=0.0)
+    plain = e2.headline(curve, {"ap_pooled": 12, "ap_mean": 4}, 0.1, _references(), runs, trained)
+    full = e2.headline(curve, {"ap_pooled": 12, "ap_mean": 4}, 0.1, _references(), runs, trained, table)
+    assert {k: full[k] for k in plain} == plain and set(full) - set(plain) == set(numbers)
+
+
+def test_e2_claims_without_per_tile_scores_or_generic_reference():
+    per_image, references = _e2_claims_case()
+    empty = e2.budget_claims(pd.DataFrame(), references)
+    assert empty.empty and e2.claim_numbers(empty, 0.02) == {} and e2.plateau_by_interval(empty, 0.02) is None
+    baseline_only = e2.References(scores={}, table=pd.DataFrame(), generic_record=None,
+                                  per_image=references.per_image[references.per_image["model"] == "baseline"])
+    table = e2.budget_claims(per_image, baseline_only)
+    assert set(table["a"]) == {"baseline"} and e2.claim_numbers(table, 0.02)["plateau_budget_ci"] is None
+    # one donor: no interval, no claim, and the reason in the summary
+    one = e2.budget_claims(per_image[per_image["donor"] == "d0"], e2.References(
+        scores={}, table=pd.DataFrame(), generic_record=None,
+        per_image=references.per_image[references.per_image["donor"] == "d0"]))
+    numbers = e2.claim_numbers(one, 1.0)
+    assert numbers["budget_4_beats_baseline"] is False and numbers["plateau_budget_ci"] is None
+    assert numbers["val_ap50_diff_budget_4_vs_baseline_note"].startswith("1 donor")
+
+
+def _e6_per_image():
+    """Three held-out-marker cases: gfap on 4 donors (lomo clearly below generic), neun on one donor."""
+    rows = [_tile_rows("lomo", [6, 6, 7, 6]), _tile_rows("generic", [8, 8, 9, 8]), _tile_rows("baseline", [5, 5, 5, 5])]
+    neun = [_tile_rows(m, [tp], markers=["neun"]).assign(image="n0", donor="d9")
+            for m, tp in (("lomo", 7), ("generic", 7), ("baseline", 6))]
+    return pd.concat(rows + neun, ignore_index=True)
+
+
+def test_e6_claims_per_held_out_marker_and_over_all():
+    found = e6.marker_claims(_e6_per_image(), ["gfap", "neun"])
+    ap = found[found["metric"] == "ap"]
+    assert list(zip(ap["marker"], ap["a"], ap["b"])) == [
+        (m, a, b) for m in ("gfap", "neun", "all") for a, b in e6.CLAIM_PAIRS]
+    gap = ap[(ap["marker"] == "gfap") & (ap["a"] == "lomo")].iloc[0]
+    assert gap["difference"] == pytest.approx((33 - 25) / 44) and gap["ci_low"] > 0 and gap["n_donors"] == 4
+    one = ap[(ap["marker"] == "neun") & (ap["a"] == "lomo")].iloc[0]
+    assert one["n_donors"] == 1 and np.isnan(one["ci_low"])
+    assert ap[ap["marker"] == "all"]["n_donors"].tolist() == [5, 5]
+    numbers = e6.claim_numbers(found)
+    assert numbers["generic_beats_lomo_gfap"] is True and numbers["lomo_beats_baseline_gfap"] is True
+    assert numbers["generic_beats_lomo_neun"] is False
+    assert numbers["test_ap50_diff_generic_vs_lomo_neun_note"].startswith("1 donor")
+    assert numbers["test_ap50_diff_generic_vs_lomo_gfap"] == round((33 - 25) / 44, 4)
+    assert "generic_beats_lomo_all" in numbers and numbers["claims_interval"] == "95% t interval over donors"
+    # a held-out marker without test tiles: NaN rows, no claim, no error
+    none = e6.marker_claims(_e6_per_image(), ["gfap", "olig2"])
+    assert none[none["marker"] == "olig2"]["n_donors"].eq(0).all()
+    assert e6.claim_numbers(none)["generic_beats_lomo_olig2"] is False
+
+
+def test_e6_headline_adds_the_claims_and_keeps_every_earlier_key():
+    gaps = e6.marker_gaps(_table())
+    val_gaps = pd.DataFrame({"marker": ["gfap", "neun"], "gap_generic_minus_lomo": [0.01, -0.04]})
+    trained = e6.Trained(lomo=pd.DataFrame(), generic=Path("g.pt"), n_trained=2, wall_s=3.25)
+    plain = e6.headline(["gfap", "neun"], _table(), gaps, val_gaps, trained)
+    found = e6.marker_claims(_e6_per_image(), ["gfap", "neun"])
+    full = e6.headline(["gfap", "neun"], _table(), gaps, val_gaps, trained, found)
+    assert {k: full[k] for k in plain} == plain and set(full) - set(plain) == set(e6.claim_numbers(found))

@@ -199,6 +199,20 @@ def test_lomo_finetune_evaluate_and_gap(cohort, manifest, tmp_path):
         scoring.gap_table(table)
     fig = efficiency_plots.plot_marker_bars(table, per, models_order=["baseline", "lomo"])
     assert len(fig.axes[0].patches) == 2 * len(markers)
+    # the claims pair each held-out marker's tiles; the pooled AP of each side is the table's.
+    # No generic model was scored here: its comparisons are NaN rows (no claim), not an error
+    found = e6_leave_one_marker_out.marker_claims(per, markers)
+    ap = found[found["metric"] == "ap"].set_index(["marker", "a", "b"])
+    scores = table.set_index(["marker", "model"])["ap_pooled"]
+    for m in markers:
+        gain = ap.loc[(m, "baseline", "lomo")]
+        assert gain["estimate_a"] == pytest.approx(scores[(m, "baseline")])
+        assert gain["estimate_b"] == pytest.approx(scores[(m, "lomo")])
+        assert gain["n_tiles"] == int((test.rows["marker"] == m).sum())
+        assert ap.loc[(m, "lomo", "generic"), "n_donors"] == 0
+    numbers = e6_leave_one_marker_out.claim_numbers(found)
+    assert numbers[f"generic_beats_lomo_{markers[0]}"] is False
+    assert numbers[f"test_ap50_diff_generic_vs_lomo_{markers[0]}_note"].startswith("no tiles")
 
 
 def test_cached_model_names_the_folder_finetune_writes_and_parallel_jobs_fill_it(cohort, tmp_path):

@@ -5,7 +5,8 @@
 - :func:`compare_models`, :func:`per_group_table`, :func:`per_image_long`: several models'
   evaluations side by side (E1);
 - :func:`pooled_counts`: TP, FP, FN summed over tiles at one IoU, then the ratios (sweeps, E3);
-- :func:`scores_from_per_image`, :func:`curve_summary`, :func:`plateau_budget`, :func:`gap_table`:
+- :func:`scores_from_per_image`, :func:`curve_summary`, :func:`plateau_budget` (and by the
+  interval, :func:`plateau_budget_ci`), :func:`gap_table`:
   E2's and E6's tables; :func:`pick_examples`, :func:`outcome_labels`: tiles and objects to draw.
 
 AP is ``TP / (TP + FP + FN)`` (cellpose's), a fraction; IoU thresholds are fractions.
@@ -226,6 +227,29 @@ def plateau_budget(summary: pd.DataFrame, tolerance: float) -> int:
     s = summary.sort_values("budget")
     best = s["mean"].max()
     return int(s.loc[s["mean"] >= best - tolerance - 1e-12, "budget"].iloc[0])
+
+
+def plateau_budget_ci(budget_claims: pd.DataFrame, tolerance: float, *, reference: str = "finetuned_generic",
+                      metric: str = "ap", threshold: float = 0.5) -> int | None:
+    """The plateau by the interval: the smallest budget whose interval of (budget - ``reference``)
+    has its lower bound at or above ``-tolerance`` (AP, a fraction), i.e. the data cannot show that
+    the budget falls more than ``tolerance`` short of the reference. None when no budget qualifies
+    (or no interval exists: one donor, no per-tile scores).
+
+    ``budget_claims``: compare rows with a ``budget`` column, A = ``reference``
+    (``seglab.experiments.e2_label_efficiency.budget_claims``).
+
+    >>> t = pd.DataFrame({"a": "finetuned_generic", "budget": [2, 5, 10], "metric": "ap", "threshold": 0.5,
+    ...                   "ci_low": [-0.2, -0.04, -0.01]})
+    >>> plateau_budget_ci(t, 0.05)
+    5
+    """
+    if tolerance < 0:
+        raise SeglabError(f"plateau tolerance {tolerance} must be >= 0 (AP units)")
+    rows = budget_claims[(budget_claims["a"] == reference) & (budget_claims["metric"] == metric)
+                         & np.isclose(budget_claims["threshold"].astype(float), threshold)]
+    within = rows[rows["ci_low"].astype(float) >= -tolerance - 1e-12]   # NaN bounds never qualify
+    return int(within["budget"].min()) if len(within) else None
 
 
 def gap_table(table: pd.DataFrame, metric: str = "ap_pooled", reference: str = "generic",

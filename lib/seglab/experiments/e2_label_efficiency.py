@@ -7,7 +7,9 @@ training setting stay the shared ones), and scores every model on the **validati
 IoU 0.5. Two reference lines frame the curve: the baseline without fine-tuning and the generic
 model fine-tuned on all training tiles (E1's model, reused from ``data/models/``). The
 **plateau** is the smallest budget whose mean AP is within ``plateau_tolerance_ap`` of the best
-budget's mean. E2 selects nothing and never touches the test split.
+budget's mean; **by the interval** (:func:`budget_claims`), the smallest budget whose 95% t
+interval over donors of (budget - all tiles) stays above ``-plateau_tolerance_ap``. E2 selects
+nothing and never touches the test split.
 
 Steps, in the notebook's order
 ------------------------------
@@ -22,13 +24,16 @@ Steps, in the notebook's order
 5. :func:`learning_curve`, :func:`plateaus`, :func:`reference_lines`: the curve over repeats
    (``learning_curve.csv``) and what its figure draws; :func:`marker_curve` per marker
    (``learning_curve_per_marker.csv``).
-6. :func:`headline`: the run's ``summary.json`` numbers (``val_ap50_budget_<b>_mean`` ...).
+6. :func:`budget_claims`: each budget (its draws' counts averaged per tile) vs all tiles and vs
+   the baseline, paired per tile with the interval over donors (``val_claims.csv``), and
+   :func:`~seglab.evaluate.scoring.plateau_budget_ci`, the plateau by the interval.
+7. :func:`headline`: the run's ``summary.json`` numbers (``val_ap50_budget_<b>_mean`` ...).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -38,7 +43,7 @@ from seglab import SeglabError
 from seglab.config.settings import MaskSettings, TrainSettings
 from seglab.core import paths
 from seglab.data import splitset
-from seglab.evaluate import scoring
+from seglab.evaluate import claims, scoring
 from seglab.experiments.items import Item, finetune_item, reference_generic
 from seglab.segment import finetuning, output_cache
 
@@ -229,11 +234,14 @@ class References:
     scores : {"baseline": scores, "finetuned_generic": scores + n_train_tiles} (``SCORE_COLUMNS``).
     table : one row per reference model (``val_references.csv``).
     generic_record : :func:`~seglab.segment.finetuning.model_record` of the generic model, or None.
+    per_image : ``Evaluation.per_image`` rows at IoU 0.5 of the reference models with a ``model``
+        column (``val_references_per_image.csv``; what :func:`budget_claims` pairs the budgets with).
     """
 
     scores: dict
     table: pd.DataFrame
     generic_record: dict | None
+    per_image: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def score_references(params: dict, design: Design, trained: Trained, mask: MaskSettings) -> References:
@@ -243,15 +251,18 @@ def score_references(params: dict, design: Design, trained: Trained, mask: MaskS
     The generic model's row carries ``n_train_tiles`` (all annotated training tiles), the
     budget it stands for on the curve.
     """
-    scores = {"baseline": scoring.evaluate_model(params["baseline_model"], design.val, mask, iou=IOU, cached=True)[0]}
-    record = None
+    baseline, baseline_tiles, _ = scoring.evaluate_model(params["baseline_model"], design.val, mask, iou=IOU,
+                                                         cached=True)
+    scores, per_image, record = {"baseline": baseline}, [baseline_tiles.assign(model="baseline")], None
     if trained.reference is not None:
         path = trained.reference["path"]
-        generic = scoring.evaluate_model(path, design.val, mask, iou=IOU, cached=True)[0]
+        generic, generic_tiles, _ = scoring.evaluate_model(path, design.val, mask, iou=IOU, cached=True)
         scores["finetuned_generic"] = {**generic, "n_train_tiles": design.n_train_tiles}
+        per_image.append(generic_tiles.assign(model="finetuned_generic"))
         record = finetuning.model_record(path)
     table = pd.DataFrame([{"model": k, **v} for k, v in scores.items()])
-    return References(scores=scores, table=table, generic_record=record)
+    return References(scores=scores, table=table, generic_record=record,
+                      per_image=pd.concat(per_image, ignore_index=True))
 
 
 def score_budgets(params: dict, design: Design, trained: Trained, mask: MaskSettings,
@@ -309,16 +320,94 @@ def marker_curve(per_image: pd.DataFrame, iou: float = IOU) -> pd.DataFrame:
     return pooled.groupby(["marker", "budget"])["ap_pooled"].agg(["mean", "min", "max"]).reset_index()
 
 
+REFERENCES = ("finetuned_generic", "baseline")   # what each budget is compared with, in this order
+
+
+def budget_name(budget: int) -> str:
+    """``budget_12``: a budget as a segmentation of :func:`budget_claims` (and in summary keys)."""
+    return f"budget_{int(budget)}"
+
+
+def mean_over_draws(per_image: pd.DataFrame) -> pd.DataFrame:
+    """Per budget, tile and IoU threshold: tp, fp, fn averaged over the budget's draws (float
+    counts; tp + fn, the true objects, stays the tile's), with ``model`` = :func:`budget_name`.
+    The budget is then one segmentation whose pooled AP is about the mean over its draws.
+
+    ``per_image``: :func:`score_budgets`' per-tile rows (budget, budget_seed, image, donor, threshold, tp, fp, fn).
+    """
+    keys = ["budget", "image", "donor", "threshold"]
+    out = per_image.groupby(keys, sort=True)[["tp", "fp", "fn"]].mean().reset_index()
+    return out.assign(model=[budget_name(b) for b in out["budget"]])
+
+
+def budget_claims(per_image: pd.DataFrame, references: References, **options) -> pd.DataFrame:
+    """Step 6: each budget B vs each reference A of :data:`REFERENCES` that was scored (the generic
+    model fine-tuned on all tiles, the baseline): the paired difference B - A on the validation tiles
+    in pooled ap, f1, precision, recall at IoU 0.5 with its interval over donors and p-value
+    (:func:`seglab.evaluate.claims.compare_pairs`), the budget's draws averaged per tile
+    (:func:`mean_over_draws`); a ``budget`` column. The interval is over validation tiles and
+    donors for these draws; the spread between draws is the learning curve's.
+
+    Empty (no rows) without per-tile scores (``rescore_per_image: false``).
+    ``options``: :func:`seglab.evaluate.claims.compare`'s.
+    """
+    if per_image.empty or references.per_image.empty:
+        return pd.DataFrame(columns=[*claims.TABLE_COLUMNS, "budget"])
+    budgets = mean_over_draws(per_image)
+    refs = references.per_image[["model", "image", "donor", "threshold", "tp", "fp", "fn"]]
+    long = pd.concat([refs, budgets.drop(columns="budget")], ignore_index=True)
+    pairs = [(ref, budget_name(b)) for b in sorted(budgets["budget"].unique()) for ref in REFERENCES
+             if ref in set(refs["model"])]
+    table = claims.compare_pairs(long, pairs, missing="nan", thresholds=(IOU,), **options)
+    return table.assign(budget=[int(str(b).rsplit("_", 1)[1]) for b in table["b"]])
+
+
+def plateau_by_interval(table: pd.DataFrame, tolerance_ap: float) -> int | None:
+    """The plateau by the interval (:func:`~seglab.evaluate.scoring.plateau_budget_ci`) of
+    :func:`budget_claims`' table: the smallest budget whose interval of (budget - all tiles) stays
+    above ``-tolerance_ap``; None without the generic reference or per-tile scores, or when no
+    budget qualifies."""
+    return None if table.empty else scoring.plateau_budget_ci(table, tolerance_ap, threshold=IOU)
+
+
+def describe_plateau_ci(table: pd.DataFrame, tolerance_ap: float) -> str:
+    """One sentence: the plateau by the interval, or why there is none."""
+    if table.empty:
+        return "no plateau by the interval: no per-tile scores (rescore_per_image: false)"
+    if "finetuned_generic" not in set(table["a"]):
+        return "no plateau by the interval: no model fine-tuned on all tiles (reference_full_data: false)"
+    found = plateau_by_interval(table, tolerance_ap)
+    rule = f"the {claims.interval_label(table)} of (budget - all tiles) above -{tolerance_ap:g} AP"
+    return (f"plateau by the interval: {found} tiles, the smallest budget with {rule}" if found is not None
+            else f"no plateau by the interval: no budget has {rule}")
+
+
+def claim_numbers(table: pd.DataFrame, tolerance_ap: float) -> dict:
+    """Summary keys of :func:`budget_claims` at AP@0.5 (:func:`seglab.evaluate.claims.claim_summary`):
+    per budget b and reference r, ``val_ap50_diff_budget_<b>_vs_<r>`` with ``_ci_low``, ``_ci_high``,
+    ``_p_value``, ``_n_donors`` (``_note`` under 3 donors) beside the flag ``budget_<b>_beats_<r>``;
+    ``plateau_budget_ci`` (:func:`plateau_by_interval`, None when no budget qualifies) and
+    ``claims_interval``. Empty without per-tile scores."""
+    if table.empty:
+        return {}
+    numbers = {}
+    for a, b in dict.fromkeys(zip(table["a"], table["b"])):
+        numbers.update(claims.claim_summary(table, a, b, prefix="val_ap50", threshold=IOU))
+    return {**numbers, "plateau_budget_ci": plateau_by_interval(table, tolerance_ap),
+            "claims_interval": claims.interval_label(table)}
+
+
 def headline(curve: pd.DataFrame, plateau: Mapping[str, int], tolerance_ap: float, references: References,
-             runs: pd.DataFrame, trained: Trained) -> dict:
+             runs: pd.DataFrame, trained: Trained, claims_table: pd.DataFrame | None = None) -> dict:
     """Step 6: the run's summary numbers.
 
     ``val_ap50_budget_<b>_mean`` / ``_sd``: pooled validation AP@0.5 at budget b, mean and SD over
     draws; ``val_ap50img_budget_<b>_mean``: the mean over tiles; ``plateau_budget`` (pooled) and
     ``plateau_budget_img`` (mean over tiles) with ``plateau_tolerance_ap``; the reference lines
     ``val_ap50_baseline`` and ``val_ap50_finetuned_generic`` (None without it); ``n_models``,
-    ``n_models_trained`` (not found in the cache, the reference included) and ``fit_wall_s`` (s).
-    AP values are rounded to 4 decimals.
+    ``n_models_trained`` (not found in the cache, the reference included) and ``fit_wall_s`` (s);
+    with ``claims_table`` (:func:`budget_claims`) the keys of :func:`claim_numbers`, among them
+    ``plateau_budget_ci``, the plateau by the interval. AP values are rounded to 4 decimals.
     """
     pooled = curve[curve["metric"] == "ap_pooled"].set_index("budget")
     img = curve[curve["metric"] == "ap_mean"].set_index("budget")
@@ -332,7 +421,8 @@ def headline(curve: pd.DataFrame, plateau: Mapping[str, int], tolerance_ap: floa
             "plateau_tolerance_ap": tolerance_ap,
             "val_ap50_baseline": round(references.scores["baseline"]["ap_pooled"], 4),
             "val_ap50_finetuned_generic": None if generic is None else round(generic["ap_pooled"], 4),
-            "n_models": int(len(runs)), "n_models_trained": trained.n_trained, "fit_wall_s": trained.wall_s}
+            "n_models": int(len(runs)), "n_models_trained": trained.n_trained, "fit_wall_s": trained.wall_s,
+            **(claim_numbers(claims_table, tolerance_ap) if claims_table is not None else {})}
 
 
 # --------------------------------------------------------------------------- the budget loop

@@ -20,7 +20,10 @@ Steps, in the notebook's order
 3. :func:`score_split` (:func:`evaluate_lomo`) on validation, then on test (``val_scores.csv``, ``test_scores.csv`` and
    their per-tile tables); :func:`~seglab.evaluate.scoring.gap_table` and :func:`marker_gaps` give
    the gaps per marker (``test_gaps.csv``).
-4. :func:`headline`: the run's ``summary.json`` numbers (``test_ap50_<model>_<marker>`` ...).
+4. :func:`marker_claims`: per held-out marker (and over all of them), the gap generic - leave-one-out
+   and the gain leave-one-out - baseline as paired differences with their 95% t interval over donors
+   (:mod:`seglab.evaluate.claims`; ``test_claims.csv``).
+5. :func:`headline`: the run's ``summary.json`` numbers (``test_ap50_<model>_<marker>`` ...).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from seglab import SeglabError
 from seglab.config.settings import MaskSettings, TrainSettings
 from seglab.core import paths
 from seglab.data import splitset
-from seglab.evaluate import scoring
+from seglab.evaluate import claims, scoring
 from seglab.experiments.items import Item, ItemsUnknown, finetune_item, reference_generic
 from seglab.segment import finetuning, output_cache
 
@@ -325,16 +328,54 @@ def marker_gaps(table: pd.DataFrame) -> pd.DataFrame:
                       on="marker")
 
 
+# (A, B) of each claim per held-out marker, B - A: what holding the marker out costs (generic - lomo,
+# the gap of marker_gaps) and what fine-tuning on the other markers gains (lomo - baseline)
+CLAIM_PAIRS = (("lomo", "generic"), ("baseline", "lomo"))
+ALL_MARKERS = "all"   # the marker column of the claims pooled over every held-out marker's tiles
+
+
+def marker_claims(per_image: pd.DataFrame, markers: Sequence[str], **options) -> pd.DataFrame:
+    """Per held-out marker, on its tiles: :data:`CLAIM_PAIRS` as paired differences B - A in pooled
+    ap, f1, precision, recall with interval and p-value (:func:`seglab.evaluate.claims.compare_pairs`;
+    NaN rows where a model has no tiles), with a ``marker`` column; then the same over the tiles of
+    every held-out marker (marker :data:`ALL_MARKERS`; each tile scored by its own marker's
+    leave-one-out model). A ``label`` column names each row for the figure ("neun: generic - lomo").
+
+    ``per_image``: :func:`evaluate_lomo`'s per-tile rows (model in lomo, generic, baseline; marker,
+    donor, image, threshold, tp, fp, fn). ``options``: :func:`seglab.evaluate.claims.compare`'s.
+    """
+    subsets = [(m, per_image[per_image["marker"] == m]) for m in markers] + [(ALL_MARKERS, per_image)]
+    options = {"thresholds": (IOU,), **options}   # a marker without tiles still gets its (NaN) rows at IoU 0.5
+    table = pd.concat([claims.compare_pairs(sub, CLAIM_PAIRS, missing="nan", **options).assign(marker=m)
+                       for m, sub in subsets], ignore_index=True)
+    return table.assign(label=[f"{m}: {b} - {a}" for m, a, b in zip(table["marker"], table["a"], table["b"])])
+
+
+def claim_numbers(claims_table: pd.DataFrame) -> dict:
+    """Summary keys of :func:`marker_claims` at AP@0.5 (:func:`seglab.evaluate.claims.claim_summary`):
+    per marker m (and ``all``) ``test_ap50_diff_generic_vs_lomo_<m>`` (the gap) and
+    ``test_ap50_diff_lomo_vs_baseline_<m>``, each with ``_ci_low``, ``_ci_high``, ``_p_value``,
+    ``_n_donors`` (``_note`` under 3 donors), beside the flags ``generic_beats_lomo_<m>`` (holding m
+    out costs) and ``lomo_beats_baseline_<m>``; ``claims_interval``."""
+    numbers = {}
+    for m in dict.fromkeys(claims_table["marker"]):
+        sub = claims_table[claims_table["marker"] == m]
+        for a, b in CLAIM_PAIRS:
+            numbers.update(claims.claim_summary(sub, a, b, prefix="test_ap50", suffix=f"_{claims.slug(m)}",
+                                                threshold=IOU))
+    return {**numbers, "claims_interval": claims.interval_label(claims_table)}
+
+
 def headline(markers: Sequence[str], test_table: pd.DataFrame, gaps: pd.DataFrame, val_gaps: pd.DataFrame,
-             trained: Trained) -> dict:
+             trained: Trained, claims_table: pd.DataFrame | None = None) -> dict:
     """The run's summary numbers.
 
     ``test_ap50_<model>_<marker>`` for model in lomo, generic, baseline: pooled test AP@0.5 on the
     marker's test tiles; ``test_ap50_<model>_mean``: their mean over markers;
     ``test_ap50_gap_mean`` / ``_max``: mean and max over markers of generic minus leave-one-out
     (positive: the held-out marker's annotations matter); ``val_ap50_gap_mean``: the same mean on
-    validation; ``n_markers``, ``n_models_trained``, ``fit_wall_s`` (s). AP values are rounded to
-    4 decimals.
+    validation; ``n_markers``, ``n_models_trained``, ``fit_wall_s`` (s); with ``claims_table``
+    (:func:`marker_claims`) the claims of :func:`claim_numbers`. AP values are rounded to 4 decimals.
     """
     wide = test_table.pivot(index="marker", columns="model", values="ap_pooled")
     numbers = {}
@@ -347,4 +388,5 @@ def headline(markers: Sequence[str], test_table: pd.DataFrame, gaps: pd.DataFram
             "test_ap50_gap_mean": round(float(gaps["gap_generic_minus_lomo"].mean()), 4),
             "test_ap50_gap_max": round(float(gaps["gap_generic_minus_lomo"].max()), 4),
             "val_ap50_gap_mean": round(float(val_gaps["gap_generic_minus_lomo"].mean()), 4),
-            "n_markers": len(markers), "n_models_trained": trained.n_trained, "fit_wall_s": trained.wall_s}
+            "n_markers": len(markers), "n_models_trained": trained.n_trained, "fit_wall_s": trained.wall_s,
+            **(claim_numbers(claims_table) if claims_table is not None else {})}
