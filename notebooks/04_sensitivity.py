@@ -26,7 +26,9 @@
 # augmentation barely move either (ranges under 0.01). The baseline is most sensitive to
 # `cellprob_threshold` (AP range 0.16) and its counts to `flow_threshold` (0.26). The best point of
 # the threshold grid gains about 0.01 AP over the defaults, so the defaults are a sound choice for
-# the fine-tuned model.
+# the fine-tuned model. Each AP range comes with an interval over the validation donors and a
+# permutation p-value (section 4), so "barely moves" and "matters" are read from those, not from
+# the point estimates alone.
 #
 # For the fine-tuned generic model (E1's, from the model cache) and the baseline, on the
 # **validation** tiles (the test split stays untouched), this notebook moves one setting at a time
@@ -121,8 +123,9 @@ fig
 # bottom: predicted / true cells.
 
 # %%
-lines = e4.outputs_sensitivity_table(val, memos, run.params, run.mask)
+lines, lines_per_image = e4.outputs_sensitivity_table(val, memos, run.params, run.mask, per_image=True)
 run.save_table(lines, "val_sensitivity_from_outputs.csv")
+run.save_table(lines_per_image, "val_sensitivity_from_outputs_per_image.csv")
 print("niter the network pass used:", e4.stored_niters(memos))
 fig = plots.sensitivity_lines(lines, e4.outputs_marks(run.mask, memos))
 run.save_figure(fig, "val_sensitivity_from_outputs.png")
@@ -137,8 +140,9 @@ fig
 
 # %%
 tiles = e4.rerun_tiles(val, run.params)
-rerun = e4.rerun_table(nets, tiles, run.params, run.mask)
+rerun, rerun_per_image = e4.rerun_table(nets, tiles, run.params, run.mask, per_image=True)
 run.save_table(rerun, "val_sensitivity_rerun.csv")
+run.save_table(rerun_per_image, "val_sensitivity_rerun_per_image.csv")
 fig = plots.sensitivity_lines(rerun, e4.RERUN_MARKS)
 run.save_figure(fig, "val_sensitivity_rerun.png")
 display(fig)
@@ -157,12 +161,30 @@ run.save_table(ranges, "sensitivity_ranges.csv")
 ranges.round(3)
 
 # %% [markdown]
+# ### How sure are we? Each AP range with its interval
+#
+# The same ranges of AP@0.5 from every tile's counts: an interval from a bootstrap that resamples
+# donors, then tiles within donors (the donor is the unit of replication; `seglab.evaluate.claims`),
+# and a p-value for "the setting changes nothing" (its values permuted within donors). A range is
+# never negative and its bootstrap is biased upwards, so the interval says how large a clear range
+# is and the p-value whether there is one. With one donor there is no interval.
+
+# %%
+found = e4.range_claims([lines_per_image, rerun_per_image])
+run.save_table(found, "sensitivity_range_claims.csv")
+fig = plots.range_intervals(found)
+run.save_figure(fig, "val_ranges_with_intervals.png")
+display(fig)
+found[found["metric"] == "ap"].round(4)
+
+# %% [markdown]
 # ## Summary
 #
 # Headline numbers (`e4_sensitivity.headline`: AP@0.5 and count ratio at the defaults, their ranges
-# per setting, the best AP of the grid) go to `summary.json`, with the run's wall time.
+# per setting with each AP range's `_ci_low`, `_ci_high`, `_p_value` and `_n_donors`, the best AP of
+# the grid) go to `summary.json`, with the run's wall time.
 
 # %%
-numbers = e4.headline(run.params["sens_models"], lines, heat, ranges, run.mask, len(tiles))
+numbers = e4.headline(run.params["sens_models"], lines, heat, ranges, run.mask, len(tiles), found)
 summary = run.summary(**numbers, wall_s=round(time.monotonic() - t_start, 1))
 print(json.dumps(summary, indent=1))

@@ -349,3 +349,67 @@ def test_e4_figures():
     assert isinstance(fig, Figure) and len(fig.axes) == 2 * 4
     with pytest.raises(SeglabError, match="sensitivity_lines: missing column"):
         plots_sens.sensitivity_lines(lines.drop(columns="model"))
+
+
+# --------------------------------------------------------------------------- E4: ranges with intervals (issue #20)
+
+
+def test_sweeps_return_the_per_tile_rows_of_the_same_masks():
+    split = _split(3)
+    memos = {"finetuned_generic": TruthMemo(split), "baseline": TruthMemo(split)}
+    plain = e4.outputs_sensitivity_table(split, memos, E4_PARAMS, MaskSettings())
+    lines, tiles = e4.outputs_sensitivity_table(split, memos, E4_PARAMS, MaskSettings(), per_image=True)
+    pd.testing.assert_frame_equal(lines, plain)
+    assert len(tiles) == 2 * 7 * 3 and set(tiles["threshold"]) == {0.5}
+    assert {"image", "donor", "marker", "tp", "fp", "fn", "parameter", "value", "model"} <= set(tiles.columns)
+    summed = tiles.groupby(["model", "parameter", "value"], sort=False)[["tp", "fp", "fn"]].sum().reset_index()
+    pd.testing.assert_frame_equal(summed[["tp", "fp", "fn"]], lines[["tp", "fp", "fn"]], check_dtype=False)
+    first = EchoModel()
+    rerun, rerun_tiles = e4.rerun_table({"finetuned_generic": first}, split, E4_PARAMS, MaskSettings(), per_image=True)
+    assert sorted(set(first.calls)) == [(10.0, 0.1, False), (20.0, 0.1, False)]   # still once per setting
+    assert list(rerun_tiles.groupby(["parameter", "value"], sort=False)["tp"].sum()) == list(rerun["tp"])
+    assert rerun_tiles[rerun_tiles["parameter"] == "augment"]["value"].tolist() == [False] * 3
+
+
+def test_range_claims_give_each_range_its_interval_and_p_value():
+    split = _split(4)
+    memos = {"finetuned_generic": TruthMemo(split)}
+    lines, tiles = e4.outputs_sensitivity_table(split, memos, E4_PARAMS, MaskSettings(), per_image=True)
+    found = e4.range_claims([tiles], n_resamples=200, n_permutations=99)
+    assert list(found.columns) == e4.RANGE_COLUMNS
+    ap = found[found["metric"] == "ap"].set_index("parameter")
+    # niter has one value: no range; the others match sensitivity_ranges
+    assert set(ap.index) == {"flow_threshold", "cellprob_threshold", "min_size"}
+    ranges = e4.sensitivity_ranges([lines]).set_index("parameter")
+    for p in ap.index:
+        assert ap.at[p, "range"] == pytest.approx(ranges.at[p, "ap_range"])
+    # the cellprob threshold 1.0 loses every nucleus on every tile: the range 1 on every resample
+    assert (ap.at["cellprob_threshold", "ci_low"], ap.at["cellprob_threshold", "ci_high"]) == (1.0, 1.0)
+    assert ap.at["flow_threshold", "range"] == 0 and ap.at["flow_threshold", "p_value"] == 1.0
+    assert (ap["n_donors"] == 4).all() and (ap["note"] == "").all()
+    assert "95% percentile interval, bootstrap of donors" in plots_sens.range_intervals(found).get_supxlabel()
+    numbers = e4.headline(["finetuned_generic"], lines, lines.assign(ap=lines["ap"]), e4.sensitivity_ranges([lines]),
+                          MaskSettings(), 2, found)
+    key = "val_ap50_range_cellprob_threshold_finetuned_generic"
+    # 2 settings x 4 donors: 2 of the 16 within-donor swaps keep a range of 1, p about 1/8
+    assert numbers[key] == 1.0 and numbers[f"{key}_ci_low"] == 1.0 and numbers[f"{key}_p_value"] == pytest.approx(
+        0.125, abs=0.07)
+    assert numbers[f"{key}_n_donors"] == 4 and "val_ap50_range_niter_finetuned_generic_ci_low" not in numbers
+    assert numbers["claims_interval"].startswith("95% percentile interval")
+    plain = e4.headline(["finetuned_generic"], lines, lines, e4.sensitivity_ranges([lines]), MaskSettings(), 2)
+    assert {k: numbers[k] for k in plain} == plain
+
+
+def test_range_claims_with_one_donor_have_no_interval():
+    split = _split(2)
+    split.rows["donor"] = "d0"
+    _, tiles = e4.outputs_sensitivity_table(split, {"baseline": TruthMemo(split)}, E4_PARAMS, MaskSettings(),
+                                            per_image=True)
+    found = e4.range_claims([tiles], n_resamples=50, n_permutations=19)
+    assert found["ci_low"].isna().all() and found["ci_high"].isna().all()
+    assert found["note"].str.startswith("1 donor").all()
+    numbers = e4._range_numbers("baseline", found)
+    assert numbers["val_ap50_range_min_size_baseline_note"].startswith("1 donor")
+    fig = plots_sens.range_intervals(found)
+    assert isinstance(fig, Figure) and "percentile interval" in fig.get_supxlabel()
+    assert e4.range_claims([tiles[tiles["parameter"] == "niter"]]).empty

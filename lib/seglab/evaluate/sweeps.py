@@ -4,7 +4,10 @@
   thresholds that E1 selects with (selection on validation only; the test split is scored
   once per selected configuration).
 - :func:`outputs_sensitivity` (mask settings rebuilt from outputs) and
-  :func:`rerun_sensitivity` (diameter, tile overlap, augmentation: a network pass each): E4.
+  :func:`rerun_sensitivity` (diameter, tile overlap, augmentation: a network pass each): E4. With
+  ``per_image=True`` both also return every tile's counts per setting (``Evaluation.per_image``
+  rows with parameter and value columns), what :func:`seglab.evaluate.claims.grid_range` needs for
+  an interval of the range of AP over a parameter's values.
 """
 
 from __future__ import annotations
@@ -75,8 +78,19 @@ def _count_row(split: splitset.SplitSet, preds: Sequence[np.ndarray], iou: float
     return row
 
 
+def _tile_rows(split: splitset.SplitSet, preds: Sequence[np.ndarray], iou: float, param: str, value) -> pd.DataFrame:
+    """Every tile's ``Evaluation.per_image`` row at ``iou`` (image, marker, donor, tp, fp, fn, ...)
+    for one setting, with ``parameter`` and ``value`` columns."""
+    per_image = scoring.evaluate_masks(split, preds, thresholds=(iou,)).per_image
+    return per_image.assign(parameter=param, value=[value] * len(per_image))
+
+
+def _stacked(rows: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
 def outputs_sensitivity(split: splitset.SplitSet, outputs: Sequence[dict], grid: dict, base: MaskSettings, *,
-                        iou: float = 0.5) -> pd.DataFrame:
+                        iou: float = 0.5, per_image: bool = False):
     """AP, F1 and cell counts when one mask setting moves and the others stay at ``base``.
 
     Parameters
@@ -89,22 +103,26 @@ def outputs_sensitivity(split: splitset.SplitSet, outputs: Sequence[dict], grid:
     n_pred, precision, recall, f1, ap (pooled at ``iou``), n_true,
     cells_per_tile, count_ratio (predicted / true cells). From saved outputs only
     (``outputs`` may be a :class:`dynamics.MaskMemo` shared with :func:`threshold_sweep`).
+    ``per_image``: return ``(table, tiles)``, tiles = every tile's ``Evaluation.per_image`` row at
+    ``iou`` per setting, with parameter and value columns (the same masks, scored per tile).
     """
     bad = [k for k in grid if k not in OUTPUT_PARAMS]
     if bad:
         raise SeglabError(f"outputs_sensitivity: {bad} need a network rerun or are unknown; "
                           f"from outputs: {', '.join(OUTPUT_PARAMS)}")
     memo = outputs if isinstance(outputs, dynamics.MaskMemo) else dynamics.MaskMemo(outputs)
-    rows = []
+    rows, tiles = [], []
     for param, values in grid.items():
         for v in values:
             preds = memo.masks(base.replace(**{param: v}))
             rows.append({"parameter": param, "value": v, **_count_row(split, preds, iou)})
-    return pd.DataFrame(rows)
+            if per_image:
+                tiles.append(_tile_rows(split, preds, iou, param, v))
+    return (pd.DataFrame(rows), _stacked(tiles)) if per_image else pd.DataFrame(rows)
 
 
 def rerun_sensitivity(model, split: splitset.SplitSet, grid: dict, base: MaskSettings, *, iou: float = 0.5,
-                      batch_size: int | None = None) -> pd.DataFrame:
+                      batch_size: int | None = None, per_image: bool = False):
     """AP, F1 and cell counts when a setting of the network pass moves (the network reruns).
 
     Parameters
@@ -119,6 +137,7 @@ def rerun_sensitivity(model, split: splitset.SplitSet, grid: dict, base: MaskSet
 
     Returns one row per (parameter, value) like :func:`outputs_sensitivity`, plus seconds (wall time
     of the network pass and masks; the default setting runs once and its rows share its time).
+    ``per_image``: return ``(table, tiles)`` as :func:`outputs_sensitivity` does.
     """
     import time
 
@@ -130,7 +149,7 @@ def rerun_sensitivity(model, split: splitset.SplitSet, grid: dict, base: MaskSet
                  for x in split.images]
     defaults = {"diameter_factor": 1.0, "tile_overlap": 0.1, "augment": False}
     done: dict = {}  # the default setting appears once per parameter: run it once
-    rows = []
+    rows, tiles = [], []
     for param, values in grid.items():
         for v in values:
             setting = {**defaults, param: bool(v) if param == "augment" else float(v)}
@@ -141,7 +160,10 @@ def rerun_sensitivity(model, split: splitset.SplitSet, grid: dict, base: MaskSet
                                        batch_size=batch_size, tile_overlap=setting["tile_overlap"],
                                        augment=setting["augment"])
                          for x, d in zip(split.images, default_d)]
-                done[key] = (_count_row(split, preds, iou), round(time.perf_counter() - t0, 2))
-            counts, seconds = done[key]
+                done[key] = (_count_row(split, preds, iou), round(time.perf_counter() - t0, 2),
+                             _tile_rows(split, preds, iou, "", None) if per_image else None)
+            counts, seconds, per_tile = done[key]
             rows.append({"parameter": param, "value": v, **counts, "seconds": seconds})
-    return pd.DataFrame(rows)
+            if per_image:
+                tiles.append(per_tile.assign(parameter=param, value=[v] * len(per_tile)))
+    return (pd.DataFrame(rows), _stacked(tiles)) if per_image else pd.DataFrame(rows)

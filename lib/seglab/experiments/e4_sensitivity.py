@@ -12,8 +12,10 @@ Notebook ``04_sensitivity`` calls these steps in order, on the annotated **valid
    min_size, niter);
 4. with a network rerun: :func:`rerun_tiles` (``rerun_n_tiles`` validation tiles, seeded, per marker)
    and :func:`rerun_table` (diameter factor, tile overlap, test-time augmentation; first model only);
-5. :func:`sensitivity_ranges` (the range of AP and of predicted / true cells per setting) and
-   :func:`headline` (the numbers of ``summary.json``).
+5. :func:`sensitivity_ranges` (the range of AP and of predicted / true cells per setting),
+   :func:`range_claims` (the range of AP per setting with its interval, a bootstrap of donors then
+   tiles, and the p-value of "the setting changes nothing", from the per-tile rows the steps 3-4
+   return with ``per_image=True``) and :func:`headline` (the numbers of ``summary.json``).
 
 The base mask settings are the notebook's ``run.mask`` (:class:`~seglab.config.settings.MaskSettings`).
 E4 has no ``work_items``: its only heavy work, the generic fine-tune, is E1's work item
@@ -31,7 +33,7 @@ from seglab.config.settings import MaskSettings
 from seglab.core import paths
 from seglab.data import manifest as data
 from seglab.data import splitset
-from seglab.evaluate import sweeps
+from seglab.evaluate import claims, sweeps
 from seglab.experiments.items import reference_generic
 from seglab.segment import dynamics, finetuning, models, output_cache
 
@@ -124,13 +126,22 @@ def rerun_grid(params: Mapping) -> dict[str, list]:
             "augment": params["sens_augment"]}
 
 
+def _with_model(results: Mapping[str, object], per_image: bool):
+    """{model: table or (table, tiles)} stacked with a model column: a table, or (table, tiles)."""
+    if not per_image:
+        return pd.concat([t.assign(model=name) for name, t in results.items()], ignore_index=True)
+    tables, tiles = zip(*[(t.assign(model=name), tl.assign(model=name)) for name, (t, tl) in results.items()])
+    return pd.concat(tables, ignore_index=True), pd.concat(tiles, ignore_index=True)
+
+
 def outputs_sensitivity_table(split: splitset.SplitSet, memos: Mapping[str, dynamics.MaskMemo], params: Mapping,
-                              mask: MaskSettings) -> pd.DataFrame:
+                              mask: MaskSettings, *, per_image: bool = False):
     """One setting of :func:`outputs_grid` moved at a time, the others at ``mask``, for every model:
-    :func:`seglab.evaluate.sweeps.outputs_sensitivity`'s rows with a model column."""
+    :func:`seglab.evaluate.sweeps.outputs_sensitivity`'s rows with a model column. ``per_image``:
+    ``(table, tiles)``, tiles = every tile's counts per setting and model (for :func:`range_claims`)."""
     grid = outputs_grid(params)
-    return pd.concat([sweeps.outputs_sensitivity(split, memo, grid, mask).assign(model=name)
-                      for name, memo in memos.items()], ignore_index=True)
+    return _with_model({name: sweeps.outputs_sensitivity(split, memo, grid, mask, per_image=per_image)
+                        for name, memo in memos.items()}, per_image)
 
 
 def stored_niters(memos: Mapping[str, dynamics.MaskMemo]) -> list[int]:
@@ -152,12 +163,15 @@ def rerun_tiles(split: splitset.SplitSet, params: Mapping) -> splitset.SplitSet:
     return splitset.subset(split, n=params["rerun_n_tiles"], seed=params["seed"])
 
 
-def rerun_table(loaded: Mapping, tiles: splitset.SplitSet, params: Mapping, mask: MaskSettings) -> pd.DataFrame:
+def rerun_table(loaded: Mapping, tiles: splitset.SplitSet, params: Mapping, mask: MaskSettings, *,
+                per_image: bool = False):
     """The network reruns of :func:`rerun_grid` on ``tiles`` for the first model of ``params['sens_models']``:
     :func:`seglab.evaluate.sweeps.rerun_sensitivity`'s rows (with seconds) and a model column.
-    ``mask``'s diameter is what factor 1.0 stands for."""
+    ``mask``'s diameter is what factor 1.0 stands for. ``per_image``: ``(table, tiles)`` as
+    :func:`outputs_sensitivity_table`."""
     first = params["sens_models"][0]
-    return sweeps.rerun_sensitivity(loaded[first], tiles, rerun_grid(params), mask).assign(model=first)
+    result = sweeps.rerun_sensitivity(loaded[first], tiles, rerun_grid(params), mask, per_image=per_image)
+    return _with_model({first: result}, per_image)
 
 
 def sensitivity_ranges(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -170,6 +184,54 @@ def sensitivity_ranges(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
     ranges["ap_range"] = ranges["ap_max"] - ranges["ap_min"]
     ranges["count_ratio_range"] = ranges["count_ratio_max"] - ranges["count_ratio_min"]
     return ranges.sort_values(["model", "ap_range"], ascending=[True, False])
+
+
+IOU = 0.5   # the ranges with intervals are of AP at this IoU threshold
+RANGE_COLUMNS = ["model", "parameter", "metric", "threshold", "n_settings", "setting_min", "setting_max",
+                 "estimate_min", "estimate_max", "range", "ci_low", "ci_high", "ci_level", "p_value", "n_donors",
+                 "n_tiles", "method", "note"]
+
+
+def _one_range(sub: pd.DataFrame, options: Mapping) -> pd.DataFrame:
+    """:func:`seglab.evaluate.claims.grid_range` of one model and parameter at IoU 0.5; no interval
+    (NaN) with one donor, where it could only resample tiles and would ignore the donors."""
+    table = claims.grid_range(sub, setting="value", thresholds=(IOU,), **options)
+    note = claims.interval_note(int(table["n_donors"].iloc[0]))
+    if int(table["n_donors"].iloc[0]) < 2:
+        table[["ci_low", "ci_high"]] = float("nan")
+    return table.assign(note=note)
+
+
+def range_claims(tiles: Sequence[pd.DataFrame], **options) -> pd.DataFrame:
+    """Per model and setting with at least two values: the range (max - min over the values tried)
+    of pooled ap, f1, precision, recall at IoU 0.5 with its interval (a bootstrap of donors, then
+    tiles within donors, percentile) and the p-value of "the setting changes nothing" (values
+    permuted within donors): :func:`seglab.evaluate.claims.grid_range`, rows :data:`RANGE_COLUMNS`.
+
+    ``tiles``: the per-tile tables of :func:`outputs_sensitivity_table` and :func:`rerun_table`
+    (``per_image=True``). ``options``: grid_range's (n_resamples, n_permutations, seed, ...).
+    """
+    rows = pd.concat(list(tiles), ignore_index=True)
+    out = [_one_range(sub, options).assign(model=model, parameter=param)
+           for (model, param), sub in rows.groupby(["model", "parameter"], sort=False)
+           if sub["value"].astype(str).nunique() > 1]
+    if not out:
+        return pd.DataFrame(columns=RANGE_COLUMNS)
+    return pd.concat(out, ignore_index=True)[RANGE_COLUMNS]
+
+
+def _range_numbers(name: str, found: pd.DataFrame) -> dict:
+    """``val_ap50_range_<setting>_<model>_ci_low`` / ``_ci_high`` / ``_p_value`` / ``_n_donors`` of
+    :func:`range_claims` at AP@0.5 (and ``_note`` under 3 donors), 4 decimals."""
+    rows = found[(found["model"] == name) & (found["metric"] == "ap") & np.isclose(found["threshold"], IOU)]
+    numbers = {}
+    for _, r in rows.iterrows():
+        key = f"val_ap50_range_{r['parameter']}_{name}"
+        numbers.update({f"{key}_ci_low": round(float(r["ci_low"]), 4), f"{key}_ci_high": round(float(r["ci_high"]), 4),
+                        f"{key}_p_value": round(float(r["p_value"]), 4), f"{key}_n_donors": int(r["n_donors"])})
+        if r["note"]:
+            numbers[f"{key}_note"] = r["note"]
+    return numbers
 
 
 def _model_numbers(name: str, lines: pd.DataFrame, heat: pd.DataFrame, ranges: pd.DataFrame,
@@ -190,13 +252,18 @@ def _model_numbers(name: str, lines: pd.DataFrame, heat: pd.DataFrame, ranges: p
 
 
 def headline(model_names: Sequence[str], lines: pd.DataFrame, heat: pd.DataFrame, ranges: pd.DataFrame,
-             mask: MaskSettings, n_rerun_tiles: int) -> dict:
+             mask: MaskSettings, n_rerun_tiles: int, found: pd.DataFrame | None = None) -> dict:
     """The run's summary numbers, per model (4 decimals): ``val_ap50_<model>`` and ``val_count_ratio_<model>``
     (pooled AP@0.5 and predicted / true cells at ``mask``'s settings), ``val_ap50_range_<setting>_<model>``
     and ``val_count_ratio_range_<setting>_<model>`` (:func:`sensitivity_ranges`), ``val_ap50_best_grid_<model>``
-    (the best AP of the threshold grid); and ``rerun_n_tiles``."""
+    (the best AP of the threshold grid); and ``rerun_n_tiles``. With ``found`` (:func:`range_claims`):
+    each AP range's ``_ci_low``, ``_ci_high``, ``_p_value``, ``_n_donors`` and ``claims_interval``."""
     numbers = {}
     for name in model_names:
         numbers.update(_model_numbers(name, lines, heat, ranges, mask.flow_threshold))
+        if found is not None:
+            numbers.update(_range_numbers(name, found))
     numbers["rerun_n_tiles"] = int(n_rerun_tiles)
+    if found is not None and len(found):
+        numbers["claims_interval"] = claims.interval_label(found)
     return numbers
