@@ -610,7 +610,7 @@ def interval_note(n_donors: int) -> str:
     if n_donors == 1:
         return "1 donor: no interval (the spread between donors needs at least 2), no claim"
     if n_donors == 2:
-        return "2 donors: a t interval with 1 degree of freedom, very wide"
+        return "2 donors: an interval from the spread between 2 donors (1 degree of freedom), very wide unless they agree"
     return ""
 
 

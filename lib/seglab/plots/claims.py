@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from seglab import SeglabError
 from seglab.evaluate import claims
@@ -92,6 +93,7 @@ def _forest_panel(ax, rows: pd.DataFrame, labels: Sequence[str], title: str | No
         _draw_interval(ax, pos, row, vertical=False, colour=colour)
     ax.axvline(0.0, color="k", lw=0.8)
     ax.set_xlim(-span, span)
+    ax.xaxis.set_major_locator(MaxNLocator(5))   # a few readable ticks whatever the span
     ax.set_ylim(-0.6, len(rows) - 0.4)
     ax.set_yticks(y, labels)
     # the numbers beside each row: the figure and the summary keys say the same
