@@ -55,6 +55,10 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
         ("test_ap50_finetuned_generic_gfap", "test AP@0.5 on the gfap tiles, fine-tuned on every marker"),
         ("test_ap50_finetuned_marker_specific", "test AP@0.5 on the gfap tiles, fine-tuned on gfap only"),
         ("test_ap50_finetuned_marker_only", "test AP@0.5, fine-tuned with DAPI zeroed"),
+        ("test_ap50_diff_finetuned_generic_vs_baseline", "paired gain in test AP@0.5, fine-tuned on every marker - baseline"),
+        ("test_ap50_diff_finetuned_generic_vs_baseline_ci_low", "its 95% t interval over test donors: low end"),
+        ("test_ap50_diff_finetuned_generic_vs_baseline_ci_high", "high end"),
+        ("finetuned_generic_beats_baseline", "true only when that interval lies above 0"),
     ],
     "02_label_efficiency": [
         ("val_ap50_baseline", "val AP@0.5, no fine-tuning"),
@@ -64,6 +68,7 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
         ("val_ap50_budget_36_mean", "val AP@0.5, 36 training tiles"),
         ("val_ap50_finetuned_generic", "val AP@0.5, every training tile"),
         ("plateau_budget", "smallest budget within the tolerance of the best"),
+        ("plateau_budget_ci", "smallest budget whose interval of (budget - all tiles) stays above -tolerance"),
     ],
     "03_gating": [
         ("gate_min_area_px_baseline", "minimum area (px) validation picks for the baseline"),
@@ -101,6 +106,9 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
         ("test_ap50_gap_max", "largest cost of holding a marker out"),
         ("test_ap50_generic_neun", "test AP@0.5 on neun, fine-tuned on every marker"),
         ("test_ap50_lomo_neun", "the same, neun held out"),
+        ("test_ap50_diff_generic_vs_lomo_all", "paired cost of holding a marker out, over every held-out tile"),
+        ("test_ap50_diff_generic_vs_lomo_all_ci_low", "its 95% t interval over test donors: low end"),
+        ("test_ap50_diff_generic_vs_lomo_all_ci_high", "high end"),
     ],
 }
 
