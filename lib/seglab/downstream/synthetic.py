@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -94,20 +94,23 @@ def null_calibration(
     seed: int = 0,
     tiles_per_donor: int = 3,
     cells_per_tile: float = 60.0,
+    methods: Mapping[str, Callable] | None = None,
 ) -> pd.DataFrame:
     """False discoveries of :func:`seglab.downstream.correlate.correlate` over simulated cohorts.
 
     Each cohort is :func:`synthetic_tile_table` (seed ``seed + i``); the tests
     of markers with effect 0 are the null tests (a list of markers: every test
-    is null). Every cohort is analysed twice: with the library's p-values
-    (exact up to 9 donors) and with scipy's t approximation everywhere (what
-    the library did before), both BH over all tests at ``alpha``.
+    is null). Every cohort is analysed with the library's p-values (exact up
+    to 9 donors), with scipy's t approximation everywhere (what the library
+    did before) and with each of ``methods`` (name -> function of the
+    :class:`~seglab.downstream.cohort.Cohort` and ``correlate``'s table giving
+    one p per row), each BH over all tests at ``alpha``.
 
     Returns
     -------
     One row per cohort: n_tests (tests with a p-value), min_p, n_p_zero, and
-    per method (suffix ``_lib`` and ``_t``) n_discoveries, n_false, fdp
-    (false / discoveries, 0 without any) and any_false.
+    per method (suffix ``_lib``, ``_t``, ``_<name>``) n_discoveries, n_false,
+    fdp (false / discoveries, 0 without any) and any_false.
     """
     from seglab.downstream.cohort import donor_features, join_clinical
     from seglab.downstream.correlate import MIN_DONORS, correlate
@@ -119,14 +122,15 @@ def null_calibration(
     for i in range(n_cohorts):
         tiles, clin = synthetic_tile_table(n_donors, tiles_per_donor, eff, outcomes, seed=seed + i,
                                            cells_per_tile=cells_per_tile, ordinal_levels=ordinal_levels)
-        res = correlate(join_clinical(donor_features(tiles), clin, outcomes),
-                        min_donors=MIN_DONORS if min_donors is None else min_donors)
+        cohort = join_clinical(donor_features(tiles), clin, outcomes)
+        res = correlate(cohort, min_donors=MIN_DONORS if min_donors is None else min_donors)
         null = res["marker"].isin(null_markers).to_numpy()
         p = res["p"].to_numpy()
         row = {"cohort": i, "n_tests": int(np.isfinite(p).sum()), "min_p": float(np.nanmin(p, initial=np.inf)),
                "n_p_zero": int((p == 0).sum())}
-        q_t = bh_qvalues(spearman_pvalue(res["rho"].to_numpy(), res["n"].to_numpy()))
-        for name, q in (("lib", res["q"].to_numpy()), ("t", q_t)):
+        qs = {"lib": res["q"].to_numpy(), "t": bh_qvalues(spearman_pvalue(res["rho"].to_numpy(), res["n"].to_numpy()))}
+        qs.update({name: bh_qvalues(np.asarray(fn(cohort, res), dtype=np.float64)) for name, fn in (methods or {}).items()})
+        for name, q in qs.items():
             disc = q < alpha  # NaN q: not a discovery
             row[f"n_discoveries_{name}"] = int(disc.sum())
             row[f"n_false_{name}"] = int((disc & null).sum())
