@@ -72,6 +72,7 @@ alpha = 0.05
 bootstrap_B = 200
 sensitivity_B = 0
 inference_jobs = 2
+min_donors = 5
 run_dir = None
 profile = "interactive"
 
