@@ -3,12 +3,50 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+
+SMOKE_CHAIN_TEST = "test_smoke_chain.py::test_every_notebook_runs_in_the_smoke_profile"
+SMOKE_CHAIN = pytest.StashKey()
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected what they deselect
+def pytest_collection_modifyitems(session, config, items):
+    """Start the smoke chain now, beside the rest of the suite, when its test is selected; its test
+    goes last and collects it. The chain is minutes of one-thread CPU work (Cellpose-SAM's E1),
+    most other tests wait on subprocesses, Slurm or the disk: on the 2-core CI machine the two
+    overlap instead of adding up."""
+    smoke = [item for item in items if item.nodeid.endswith(SMOKE_CHAIN_TEST)]
+    if not smoke or config.option.collectonly:
+        return
+    items.remove(smoke[0])
+    items.append(smoke[0])
+    from chain import BackgroundChain
+
+    out = Path(tempfile.mkdtemp(prefix="seglab-smoke-chain-"))
+    config.stash[SMOKE_CHAIN] = BackgroundChain(REPO, out, "smoke", cpsam=True).start()
+
+
+def pytest_unconfigure(config):
+    chain = config.stash.get(SMOKE_CHAIN, None)
+    if chain is not None:
+        chain.stop()
+        if getattr(chain, "passed", False):
+            chain.remove()  # 1.2 GB of cpsam weights; kept for a look when the test failed
+
+
+@pytest.fixture(scope="session")
+def smoke_chain(request):
+    """The smoke chain started at collection (see :func:`pytest_collection_modifyitems`)."""
+    chain = request.config.stash.get(SMOKE_CHAIN, None)
+    if chain is None:
+        pytest.fail("the smoke chain was not started at collection (tests/conftest.py)")
+    return chain
 
 
 @pytest.fixture(scope="session")
