@@ -213,6 +213,21 @@ def test_lomo_markers_not_in_the_cohort_fail_in_check_params(built, capsys):
     assert f"{f}: key 'lomo_markers'" in err and "gfpa" in err and "usable: gfap, iba1" in err, err
 
 
+def test_e1_markers_without_annotated_tiles_fail_in_check_params(built, capsys):
+    # before, the notebook found out after fine-tuning the generic and marker-only models
+    f = built / "params" / "p" / "01_baseline_vs_finetune.yaml"
+    _set(f, "markers", "[gfap, gfpa]")
+    err = _one_line_error(capsys, ["check-params", "--profile", "p"])
+    assert f"{f}: key 'markers'" in err and "gfpa has none in train/val/test" in err and "gfap," in err, err
+
+
+def test_e5_shards_outside_n_shards_fail_in_check_params(project, capsys):
+    f = project / "params" / "p" / "05_downstream.yaml"
+    _set(f, "shards", "[0, 7]")
+    err = _one_line_error(capsys, ["check-params", "--profile", "p"])
+    assert f"{f}: key 'shards'" in err and "[7] outside 0.." in err and "'n_shards' from" in err, err
+
+
 def test_run_all_checks_params_up_front_and_the_data_right_before_each_notebook(probe_root, monkeypatch):
     import seglab.experiments as experiments
 

@@ -72,6 +72,28 @@ def e1_finetune_jobs(base: str, cohort_dir: str, *, training: TrainSettings, mar
             "finetuned_marker_only": dict(common, variant="marker_only", validate=False)}
 
 
+def preflight(params: dict, cohort: Callable[[], pd.DataFrame | None]) -> None:
+    """Before the notebook starts (:func:`seglab.experiments.preflight`): with the cohort built, each
+    of ``markers`` has annotated tiles in train (the marker-specific fine-tune), validation (its
+    threshold sweep) and test (its score); otherwise the notebook would fail after fine-tuning.
+    Raises ParamConflict."""
+    from seglab.experiments import ParamConflict
+
+    manifest = cohort()
+    if manifest is None:
+        return
+    annotated = manifest[manifest["annotated"].astype(bool)]
+    lacking = {m: [s for s in ("train", "val", "test") if not ((annotated["marker"] == m) & (annotated["split"] == s)).any()]
+               for m in params["markers"]}
+    lacking = {m: splits for m, splits in lacking.items() if splits}
+    if lacking:
+        have = sorted(set(annotated["marker"]))
+        what = "; ".join(f"{m} has none in {'/'.join(splits)}" for m, splits in lacking.items())
+        raise ParamConflict("markers", f"{list(params['markers'])}: annotated tiles of cohort {params['cohort_dir']}: "
+                            f"{what} (markers with annotated tiles: {', '.join(have) or 'none'})",
+                            "give markers with annotated train, validation and test tiles")
+
+
 def work_items(params: dict) -> list[Item]:
     """E1's three fine-tunes as prepare items (one array task per model), from :func:`e1_finetune_jobs`."""
     jobs = e1_finetune_jobs(params["baseline_model"], params["cohort_dir"],

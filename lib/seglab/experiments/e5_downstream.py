@@ -135,6 +135,18 @@ def shards_of(params: dict) -> tuple[int, list[int]]:
     return n, wanted
 
 
+def preflight(params: dict, cohort: Callable[[], pd.DataFrame | None]) -> None:
+    """Before the notebook starts (:func:`seglab.experiments.preflight`): ``shards`` within
+    0..n_shards-1 (the check :func:`shards_of` makes inside the notebook). Raises ParamConflict."""
+    from seglab.experiments import ParamConflict
+
+    n, shards = int(params["n_shards"]), params.get("shards")
+    bad = sorted({int(i) for i in shards or [] if not 0 <= int(i) < n})
+    if bad:
+        raise ParamConflict("shards", f"{list(shards)}: {bad} outside 0..{n - 1}", f"give shards below n_shards={n}",
+                            also=("n_shards",))
+
+
 def work_items(params: dict) -> list[Item]:
     """E5's inference shards as prepare items: every (model, shard), each :func:`predict_model`
     for that one shard (what the notebook's :func:`predict_all` then finds cached)."""
