@@ -7,6 +7,7 @@ import errno
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,6 +236,24 @@ def test_evaluate_outputs_are_a_set_complete_or_clearly_incomplete(tmp_path, cap
     assert {n: (out / n).read_bytes() for n in names} == first       # the earlier set, whole
     assert io.set_complete(out, "evaluation")
     assert not [f for f in out.iterdir() if f.name.startswith(".")]   # every temporary thing cleaned
+
+
+def test_evaluate_refuses_to_replace_an_evaluation_of_other_inputs(tmp_path, capsys):
+    true, pred = _label_folders(tmp_path)
+    other = tmp_path / "pred2"
+    shutil.copytree(pred, other)
+    out = tmp_path / "E"
+    base = ["evaluate", "--true", str(true), "--out", str(out), "--quiet"]
+    assert _run(capsys, *base, "--pred", str(pred))[0] == 0
+    first = (out / "evaluation_summary.json").read_bytes()
+    rc, _, err = _run(capsys, *base, "--pred", str(other))
+    assert rc == 1 and f"--pred {pred.resolve()}" in err and f"--pred {other.resolve()}" in err and "--overwrite" in err, err
+    assert (out / "evaluation_summary.json").read_bytes() == first
+    rc, _, err = _run(capsys, *base, "--pred", str(pred), "--thresholds", "0.5")   # other thresholds: another maker
+    assert rc == 1 and "thresholds [0.5]" in err, err
+    assert _run(capsys, *base, "--pred", str(pred))[0] == 0                       # the same inputs again: replaced
+    assert _run(capsys, *base, "--pred", str(other), "--overwrite")[0] == 0
+    assert str(other.resolve()) in (out / "evaluation_summary.json").read_text()
 
 
 def test_write_set_marks_a_set_incomplete_when_a_member_changes(tmp_path):

@@ -22,6 +22,8 @@ Writes into ``--out``, as one set (:func:`seglab.core.io.write_set`: all files o
 
 from __future__ import annotations
 
+import json
+
 import re
 from pathlib import Path
 
@@ -124,6 +126,31 @@ def _out_folder(out: Path) -> Path:
     return out
 
 
+def _check_same_maker(out: Path, made_of: dict, overwrite: bool) -> None:
+    """Refuse to replace the evaluation in ``out`` of other inputs (other --true/--pred folders or
+    thresholds) unless ``overwrite``: a second evaluation sent to the same folder by mistake would
+    silently replace the first one's numbers. The same inputs again replace it (they may have
+    changed on disk: nothing stale is kept)."""
+    from seglab.core import io
+
+    summary = out / "evaluation_summary.json"
+    if overwrite or not summary.is_file():
+        return
+    try:
+        before = json.loads(summary.read_text(encoding="utf-8"))
+        inputs = before.get("inputs") or {}
+        had = {"true_dir": inputs.get("true_dir"), "pred_dir": inputs.get("pred_dir"),
+               "thresholds": [float(t) for t in before.get("thresholds") or []]}
+    except (OSError, ValueError, TypeError, AttributeError):
+        had = None
+    if had == made_of and io.set_complete(out, OUTPUT_SET):
+        return
+    what = "an unreadable or incomplete evaluation" if had is None else (
+        f"the evaluation of --true {had['true_dir']} --pred {had['pred_dir']} at thresholds {had['thresholds']}")
+    raise SeglabError(f"--out {out}: holds {what}; asked for --true {made_of['true_dir']} --pred {made_of['pred_dir']} "
+                      f"at thresholds {made_of['thresholds']}. Rerun with --overwrite to replace it, or give another --out")
+
+
 def _read_groups(path: str | None):
     if not path:
         return None
@@ -161,6 +188,8 @@ def cmd_evaluate(args) -> int:
     for _, t, p in pairs:
         check_mask_file(t)
         check_mask_file(p)
+    _check_same_maker(out, {"true_dir": str(Path(args.true).resolve()), "pred_dir": str(Path(args.pred).resolve()),
+                            "thresholds": [float(t) for t in thresholds]}, args.overwrite)
     groups = _read_groups(args.groups)
     if groups is not None:
         groups = groups[groups["image"].isin({name for name, _, _ in pairs})]
@@ -191,5 +220,7 @@ def add_commands(sub) -> None:
                    help="IoU thresholds in (0, 1] (default: 0.5 0.75 0.9)")
     p.add_argument("--groups", metavar="CSV", help="optional CSV/TSV: an 'image' column and grouping columns (marker, donor)")
     p.add_argument("--strict", action="store_true", help="fail when any file has no partner")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an evaluation of other inputs in --out (refused without it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
