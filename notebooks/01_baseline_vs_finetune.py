@@ -35,7 +35,7 @@
 # applied **once** to test (the run records each test evaluation in its manifest).
 #
 # **Answer (demo profile).** Yes: the generic fine-tune raises pooled test AP@0.5 from 0.773 to
-# 0.824 (+0.052, 95% t interval over the 6 test donors [0.021, 0.084]: the claim holds), mostly by
+# 0.824 (+0.051, 95% t interval over the 6 test donors [0.025, 0.078]: the claim holds), mostly by
 # removing false positives (precision 0.92 -> 0.97, recall 0.83 -> 0.84). What it is fine-tuned on
 # matters less than that it sees DAPI: the marker-specific model (0.849 on the GFAP tiles) does not
 # beat the generic model on the same tiles (0.865; the interval over their 5 donors includes 0),
