@@ -33,7 +33,7 @@
 # annotations recover most, but not all, of the full-data gain. With 95% t intervals over the 6
 # validation donors: from 12 tiles on, every budget beats the baseline (4 tiles: +0.04 AP, an
 # interval that reaches below 0), and no budget is shown to be within 0.02 AP of all 72 tiles (36
-# tiles: -0.008 [-0.021, 0.005]), so there is no plateau by the interval. Per marker, GFAP gains
+# tiles: -0.012 [-0.025, 0.001]), so there is no plateau by the interval. Per marker, GFAP gains
 # most from more labels; PECAM flattens after 12 tiles.
 #
 # Design choices:
