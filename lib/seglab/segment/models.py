@@ -281,7 +281,8 @@ class Model:
 
     # ---- segmentation -------------------------------------------------------------------
     def segment(self, images, mask: MaskSettings | None = None, *, batch_size: int | None = None,
-                return_outputs: bool = False, tile_overlap: float = 0.1, augment: bool = False):
+                return_outputs: bool = False, tile_overlap: float = 0.1, augment: bool = False,
+                compute_masks: bool = True):
         """Segment one image ``(C, Y, X)`` or a same-shape stack ``(N, C, Y, X)`` / list.
 
         Parameters
@@ -295,6 +296,10 @@ class Model:
         return_outputs : also return the network outputs (see ``masks_from_outputs``).
         tile_overlap, augment : passed to cellpose's eval: overlap of the network
             tiles (fraction of bsize) and test-time flips of overlapping tiles.
+        compute_masks : False: the network pass only (needs ``return_outputs``); every mask is
+            None, and ``dynamics.masks_from_outputs(outputs[i], mask, device=self.device)``
+            makes the mask cellpose's eval would have made (``seglab predict``'s pipeline runs
+            it in another thread while the network works on the next batch).
 
         Returns
         -------
@@ -307,6 +312,9 @@ class Model:
         seq = [images] if single else list(images)
         if not seq:
             raise SeglabError("segment: no images given")
+        if not compute_masks and not (return_outputs and self.kind == "cellpose"):
+            raise SeglabError("segment(compute_masks=False): only a network model's outputs can be returned "
+                              "without masks; pass return_outputs=True")
         mask = MaskSettings() if mask is None else mask
         xs = [self._restrict(self.as_network_input(im, name=f"image {i}")) for i, im in enumerate(seq)]
         batch_size = self.default_batch_size if batch_size is None else int(batch_size)
@@ -326,7 +334,7 @@ class Model:
             groups.setdefault((x.shape, None if d is None else round(float(d), 6)), []).append(i)
         for (shape, d), idx in groups.items():
             m, outs = self._eval_stack(np.stack([xs[i] for i in idx]), d, mask, batch_size,
-                                       tile_overlap=tile_overlap, augment=augment)
+                                       tile_overlap=tile_overlap, augment=augment, compute_masks=compute_masks)
             for j, i in enumerate(idx):
                 masks[i], outputs[i] = m[j], outs[j]
         if single:
@@ -334,7 +342,9 @@ class Model:
         return (masks, outputs) if return_outputs else masks
 
     def _eval_stack(self, x, diameter_px: float | None, mask: MaskSettings, batch_size: int,
-                    tile_overlap: float = 0.1, augment: bool = False):
+                    tile_overlap: float = 0.1, augment: bool = False, compute_masks: bool = True):
+        """(masks, outputs) of a same-shape stack ``x`` (N, 3, Y, X) float32 at one diameter (px or None):
+        N (Y, X) label images (each None without ``compute_masks``) and N outputs dicts."""
         n = x.shape[0]
         diam = self._eval_diameter(diameter_px)
         # one image: (3, Y, X) with channel_axis=0. Several: cellpose takes a
@@ -342,7 +352,7 @@ class Model:
         # stitch_threshold=0 and do_3D=False, normalises and segments each plane on its own.
         kwargs = dict(diameter=diam, flow_threshold=mask.flow_threshold, cellprob_threshold=mask.cellprob_threshold,
                       min_size=mask.min_size, niter=mask.niter, batch_size=batch_size, bsize=self.bsize,
-                      tile_overlap=float(tile_overlap), augment=bool(augment))
+                      tile_overlap=float(tile_overlap), augment=bool(augment), compute_masks=bool(compute_masks))
         with quiet_cellpose():
             if n == 1:
                 m, flows, _ = self.cp.eval(x[0], channel_axis=0, **kwargs)
@@ -357,6 +367,8 @@ class Model:
         niter = int(200 / rescale)
         outs = [{"dP": np.ascontiguousarray(dp, np.float32), "cellprob": np.ascontiguousarray(cp, np.float32),
                  "niter": niter} for dp, cp in zip(dPs, cps)]
+        if not compute_masks:  # eval returned an empty array for the masks
+            return [None] * n, outs
         return [as_label_dtype(mm) for mm in ms], outs
 
 
