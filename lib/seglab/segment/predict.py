@@ -23,11 +23,12 @@ Outputs (in ``--out``)
     instance labels, uint16 (uint32 beyond 65,535 objects), 0 = background,
     written atomically (temporary file + rename).
 ``tiles_shard-<I>-of-<N>.tsv``
-    one row per tile of the shard: tile, shard ("I/N"), n_cells, seconds (wall time of
-    the tile's share of its batch), diameter_px, mask_file, status, model_id,
-    unused_channels, reason. ``status``: ``done`` (segmented, by this run or an earlier
-    one), ``skipped`` (its mask was found complete without a table row, and counted),
-    ``failed`` (unreadable with ``--keep-going``; ``reason`` says why; no mask).
+    one row per tile of the shard: tile, shard ("I/N"), n_cells, seconds (the tile's share of
+    its batch's reading and network pass plus its own masks and writing; the pipeline overlaps
+    them with other tiles', so the column sums to more than the wall time), diameter_px,
+    mask_file, status, model_id, unused_channels, reason. ``status``: ``done`` (segmented,
+    by this run or an earlier one), ``skipped`` (its mask was found complete without a table
+    row, and counted), ``failed`` (unreadable with ``--keep-going``; ``reason`` says why; no mask).
 ``predict.json``
     what made the folder: ``format`` (:data:`RECORD_FORMAT`), ``model_id``
     (:func:`seglab.segment.models.model_id`), ``model_spec``, ``settings`` (the
@@ -48,7 +49,19 @@ tiles folder is refused, naming what is there and what was asked; ``overwrite=Tr
 shard table of the other maker, in all shards (a shard that kept its old masks would mix
 two models in one folder). A later shard of the same overwriting run finds the new
 ``predict.json`` and resumes, so every task of an array may carry ``--overwrite``.
-Only one batch of tiles is in memory at a time.
+
+Pipeline
+--------
+The network and the masks overlap: the main thread loads a batch and runs the network on it
+(cellpose's eval without its dynamics), while one background thread rebuilds the previous
+batch's masks from the network outputs (:func:`dynamics.masks_from_outputs`, the same
+cellpose dynamics eval runs, on the model's device: equal masks) and writes them, in tile
+order. A queue of :data:`PIPELINE_DEPTH` batch between them bounds memory to about three
+batches (one in the network, one waiting, one in the mask thread). An error in either stage
+stops the run with that error once the thread has stopped; the batches the network finished
+before an error in the main thread are finished first (as the sequential loop had done),
+Ctrl-C stops the thread after its current tile. ``pipeline=False`` runs today's sequential
+loop (eval computes the masks), for comparison (bench/bench_predict.py).
 
 ``keep_going=True`` (``--keep-going``) skips tiles that cannot be read and lists them as
 ``failed``; without it the first unreadable tile stops the run with one line naming it.
@@ -61,7 +74,9 @@ import contextlib
 import json
 import os
 import re
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +103,9 @@ RECORD_KEYS = ("format", "model_id", "settings", "tiles_dir")   # what must agre
 LOCK_FILE = ".predict.lock"
 
 EXIT_TILES_FAILED = 3   # seglab predict --keep-going skipped at least one tile
+# batches queued between the network and the mask thread beyond the one the thread is finishing:
+# 1 keeps the network busy while memory holds ~3 batches (network, queue, masks)
+PIPELINE_DEPTH = 1
 
 
 # --------------------------------------------------------------------------------------
@@ -447,7 +465,7 @@ def _out_folder(out_dir, tiles_dir) -> Path:
 def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | None = None, *, shard=None,
             batch_tiles: int = 8, batch_size: int | None = None, save_network_outputs: bool = False,
             progress: bool = True, gpu: bool | None = None, overwrite: bool = False,
-            keep_going: bool = False) -> pd.DataFrame:
+            keep_going: bool = False, pipeline: bool = True, mask_device: str | None = None) -> pd.DataFrame:
     """Segment the tiles of one shard into ``out_dir``; returns the per-tile table.
 
     Parameters
@@ -467,6 +485,11 @@ def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | 
         (all shards); without it such a folder is refused (see :func:`claim_folder`).
     keep_going : skip tiles that cannot be read (status ``failed``, ``reason``) instead of
         stopping at the first.
+    pipeline : masks of one batch are made in a background thread while the network runs on
+        the next (module docstring, Pipeline); False: one batch after the other, eval making
+        the masks. The masks are the same.
+    mask_device : torch device of the pipeline's mask dynamics (``"cpu"``, ``"cuda"``); None:
+        the model's, as cellpose's eval does (the masks then equal ``Model.segment``'s).
 
     Returns
     -------
@@ -480,6 +503,7 @@ def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | 
     out = _out_folder(out_dir, tiles_dir)
     if isinstance(model, (str, os.PathLike)):
         model = models.load(model, gpu=gpu)
+    device = _mask_device(model, mask_device)
     mid = models.model_id(model)
     claim_folder(out, folder_record(mid, mask, tiles_dir, getattr(model, "spec", None)),
                  tile_ids=[t.tile_id for t in all_tiles], overwrite=overwrite)
@@ -495,16 +519,11 @@ def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | 
         io.write_table(table_path, df)
         return df
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(tiles), initial=len(tiles) - len(todo), desc=f"predict {i}/{n}", unit="tile",
-                   file=sys.stderr)
+    bar = _progress_bar(len(tiles), len(tiles) - len(todo), f"predict {i}/{n}") if progress else None
+    stage = _MaskStage(out, mask, f"{i}/{n}", mid, rows, flush, bar, save_network_outputs, device)
     try:
-        _segment_tiles(todo, model, mid, f"{i}/{n}", out, mask, rows, failed, flush, bar,
-                       batch_tiles=batch_tiles, batch_size=batch_size, save_network_outputs=save_network_outputs,
-                       keep_going=keep_going)
+        _segment_tiles(todo, model, mask, stage, failed, batch_tiles=batch_tiles, batch_size=batch_size,
+                       keep_going=keep_going, pipeline=pipeline)
     except BaseException:
         # keep the table of the tiles done so far (a resume reads it); a full disk that stopped
         # the run may refuse this write too: the first error is the one to report
@@ -520,33 +539,170 @@ def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | 
     return df
 
 
-def _segment_tiles(todo: Sequence[Tile], model: models.Model, mid: str, label: str, out: Path, mask: MaskSettings,
-                   rows: dict, failed: dict, flush, bar, *, batch_tiles: int, batch_size: int | None,
-                   save_network_outputs: bool, keep_going: bool) -> None:
-    """Segment ``todo`` batch by batch into ``out``, filling ``rows`` ({tile: table row}) and
-    ``failed`` ({tile: reason}); ``flush()`` writes the table at most every 30 s on the way."""
-    last_flush = time.time()
-    for batch in _batches(todo, max(1, int(batch_tiles))):
-        t0 = time.time()
-        loaded, images = _load_batch(batch, keep_going, failed)
-        for t in batch:
-            if t.tile_id in failed:
-                rows[t.tile_id] = _row(t, label, mid, status="failed", reason=failed[t.tile_id])
-        results = _segment_batch(model, loaded, images, mask, batch_size) if loaded else []
-        sec = (time.time() - t0) / len(batch)
-        for t, (mm, oo, d) in zip(loaded, results):
-            if save_network_outputs and oo is not None:
-                dynamics.save_outputs(out / "outputs" / f"{t.tile_id}.npz", oo)
-            write_mask(out / f"{t.tile_id}.tif", mm)
-            rows[t.tile_id] = _row(t, label, mid, n_cells=int(mm.max() and len(np.unique(mm)) - 1),
-                                   seconds=round(sec, 4), diameter_px=d, mask_file=f"{t.tile_id}.tif",
-                                   status="done")
-        del results, images
-        if bar is not None:
-            bar.update(len(batch))
-        if time.time() - last_flush > 30:
-            flush()
-            last_flush = time.time()
+def _progress_bar(total: int, done: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc=desc, unit="tile", file=sys.stderr)
+
+
+def _mask_device(model: models.Model, mask_device: str | None):
+    """The torch device of the mask dynamics (None for a classical model, which has none)."""
+    if model.kind != "cellpose":
+        return None
+    if mask_device is None:
+        return model.device  # what cellpose's eval uses: the pipeline's masks equal eval's
+    import torch  # deferred: importing torch + cellpose costs seconds
+
+    try:
+        dev = torch.device(mask_device)
+    except (RuntimeError, TypeError):
+        raise SeglabError(f"mask_device {mask_device!r}: use 'cpu', 'cuda' or None (the model's device)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SeglabError(f"mask_device {mask_device!r}: torch sees no CUDA GPU; use 'cpu' or None")
+    return dev
+
+
+@dataclass
+class _Job:
+    """One batch on its way from the network (main thread) to its masks and files (the mask stage)."""
+
+    batch: list      # the batch's tiles, read or not
+    loaded: list     # the tiles that were read, in the order of ``results``
+    results: list    # per loaded tile: (mask (Y, X) or None, network outputs or None, diameter px or None)
+    seconds: float   # wall time of reading and the network pass, whole batch
+    failed: dict     # {tile id: reason} of the batch's unreadable tiles (keep_going)
+
+
+class _MaskStage:
+    """Finishes batches in tile order: masks from network outputs where the network pass left
+    them out, network outputs and masks written, table rows, progress and the 30 s table flush.
+    Only this stage writes ``rows`` while a run is on, so the mask thread needs no lock."""
+
+    def __init__(self, out: Path, mask: MaskSettings, label: str, mid: str, rows: dict, flush, bar,
+                 save_outputs: bool, device):
+        self.out, self.mask, self.label, self.mid = out, mask, label, mid
+        self.rows, self.flush, self.bar = rows, flush, bar
+        self.save_outputs, self.device = save_outputs, device
+        self.last_flush = time.time()
+
+    def __call__(self, job: _Job, cancel: threading.Event) -> None:
+        for t in job.batch:
+            if t.tile_id in job.failed:
+                self.rows[t.tile_id] = _row(t, self.label, self.mid, status="failed", reason=job.failed[t.tile_id])
+        share = job.seconds / len(job.batch)
+        for t, (mm, oo, d) in zip(job.loaded, job.results):
+            if cancel.is_set():  # Ctrl-C: the rest of the batch is redone by the next run
+                return
+            t0 = time.time()
+            if mm is None:
+                mm = dynamics.masks_from_outputs(oo, self.mask, device=self.device)
+            if self.save_outputs and oo is not None:
+                dynamics.save_outputs(self.out / "outputs" / f"{t.tile_id}.npz", oo)
+            write_mask(self.out / f"{t.tile_id}.tif", mm)
+            self.rows[t.tile_id] = _row(t, self.label, self.mid, n_cells=int(mm.max() and len(np.unique(mm)) - 1),
+                                        seconds=round(share + time.time() - t0, 4), diameter_px=d,
+                                        mask_file=f"{t.tile_id}.tif", status="done")
+        if self.bar is not None:
+            self.bar.update(len(job.batch))
+        if time.time() - self.last_flush > 30:
+            self.flush()
+            self.last_flush = time.time()
+
+
+class _Pipeline:
+    """Runs a mask stage on the jobs it is given: in one background thread fed through a queue of
+    ``depth`` jobs (``threaded``), else at once in the caller's thread.
+
+    A thread rather than a process: the network's torch kernels and most of cellpose's dynamics
+    (torch, scipy, fastremap) release the GIL (measured on the 2-core CPU, one torch thread: the
+    network beside a thread running the dynamics nonstop is 2-7% slower, 1.95 cores busy; a
+    process in its place did no better), the outputs need no copying, and a process would import
+    torch and cellpose again (13-17 s here) and, on a GPU, need its own CUDA context. The thread's first error is kept and raised in the caller's thread by
+    :meth:`check`; after it the thread drains the queue without work, so the producer never blocks.
+    """
+
+    def __init__(self, stage, *, threaded: bool, depth: int = PIPELINE_DEPTH, device=None):
+        self.stage, self.threaded, self.device = stage, threaded, device
+        self.error: BaseException | None = None
+        self.cancel = threading.Event()
+        if threaded:
+            self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+            self.thread = threading.Thread(target=self._run, name="seglab-predict-masks", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        with _side_stream(self.device):
+            while (job := self.queue.get()) is not None:
+                if self.error is None and not self.cancel.is_set():
+                    try:
+                        self.stage(job, self.cancel)
+                    except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+                        self.error = exc
+
+    def submit(self, job: _Job) -> None:
+        self.check()
+        if self.threaded:
+            self.queue.put(job)
+        else:
+            self.stage(job, self.cancel)
+
+    def check(self) -> None:
+        """Raise the mask thread's error, if it had one."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Finish the queued jobs (or, with ``cancel``, stop after the current tile) and join the thread."""
+        if not self.threaded or not self.thread.is_alive():
+            return
+        if cancel:
+            self.cancel.set()
+        self.queue.put(None)
+        self.thread.join()
+
+
+def _side_stream(device):
+    """On a GPU the mask thread's kernels go to a CUDA stream of their own, so that they run beside
+    the network's (default stream) instead of queueing behind them; a no-op elsewhere."""
+    if device is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    import torch  # deferred: importing torch + cellpose costs seconds
+
+    return torch.cuda.stream(torch.cuda.Stream(device))
+
+
+def _segment_tiles(todo: Sequence[Tile], model: models.Model, mask: MaskSettings, stage: _MaskStage, failed: dict,
+                   *, batch_tiles: int, batch_size: int | None, keep_going: bool, pipeline: bool) -> None:
+    """Segment ``todo`` batch by batch: read and run the network here, hand each batch to ``stage``
+    (in a background thread with ``pipeline``); ``failed`` collects {tile: reason} of unreadable tiles."""
+    # masks in eval (the sequential loop) unless the mask thread makes them, or another device does
+    in_eval = not pipeline and stage.device == model.device
+    pipe = _Pipeline(stage, threaded=pipeline, device=stage.device)
+    # the cellpose logger is held quiet for the whole run: quiet_cellpose entered and left by two
+    # threads at once could restore the wrong level and leave it silenced
+    with models.quiet_cellpose():
+        try:
+            for batch in _batches(todo, max(1, int(batch_tiles))):
+                pipe.check()  # a failed mask stage stops the network before its next batch
+                t0 = time.time()
+                mine: dict = {}
+                loaded, images = _load_batch(batch, keep_going, mine)
+                failed.update(mine)
+                results = (_segment_batch(model, loaded, images, mask, batch_size, compute_masks=in_eval)
+                           if loaded else [])
+                del images
+                pipe.submit(_Job(batch, loaded, results, time.time() - t0, mine))
+        except Exception:
+            # the batches the network finished are finished (the sequential loop had written them);
+            # the mask thread's error concerns an earlier tile than this one, so it is reported first
+            pipe.close()
+            pipe.check()
+            raise
+        except BaseException:  # Ctrl-C: stop after the current tile
+            pipe.close(cancel=True)
+            raise
+        pipe.close()
+        pipe.check()
 
 
 def _row(t: Tile, shard_label: str, model_id: str, **values) -> dict:
@@ -617,12 +773,14 @@ def _finished_rows(tiles: Sequence[Tile], out: Path, table_path: Path, shard_lab
 
 
 def _segment_batch(model: models.Model, batch: Sequence[Tile], images: Sequence[np.ndarray], mask: MaskSettings,
-                   batch_size: int | None) -> list[tuple[np.ndarray, dict | None, float | None]]:
+                   batch_size: int | None, *, compute_masks: bool = True
+                   ) -> list[tuple[np.ndarray | None, dict | None, float | None]]:
     """(mask (Y, X), network outputs or None, diameter px or None) per tile of ``batch``.
 
     ``images``: the tiles' pixels, float32 (C, Y, X). The diameter is resolved per tile first,
     then one segment call runs per distinct diameter, so tiles of the same shape share network
-    batches.
+    batches. ``compute_masks=False``: a network model's masks are None (the network pass only;
+    the pipeline's mask thread makes them from the outputs); a classical model's are made anyway.
     """
     diams = [model.resolve_diameter(models.Model.as_network_input(x, name=t.tile_id), mask.diameter_px)
              if model.kind == "cellpose" or mask.diameter_px == DIAMETER_AUTO else None
@@ -635,7 +793,8 @@ def _segment_batch(model: models.Model, batch: Sequence[Tile], images: Sequence[
         # resolved above: None means no rescaling
         at_d = mask.replace(diameter_px=DIAMETER_NATIVE if d is None else d)
         if model.kind == "cellpose":
-            m, o = model.segment([images[k] for k in idx], at_d, batch_size=batch_size, return_outputs=True)
+            m, o = model.segment([images[k] for k in idx], at_d, batch_size=batch_size, return_outputs=True,
+                                 compute_masks=compute_masks)
         else:
             m, o = model.segment([images[k] for k in idx], at_d), [None] * len(idx)
         for k, mm, oo in zip(idx, m, o):
