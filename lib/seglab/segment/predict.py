@@ -383,8 +383,6 @@ def _refusal(out: Path, old: dict | None, record: dict) -> str:
 
 def _clear_predictions(out: Path, old: dict | None, tile_ids: Sequence[str]) -> None:
     """Delete the masks, network outputs and tables of every shard of another maker's run."""
-    from seglab.segment import shards
-
     ids = set(tile_ids)
     tables = list(out.glob("tiles_shard-*-of-*.tsv"))
     for table in tables:
@@ -397,7 +395,7 @@ def _clear_predictions(out: Path, old: dict | None, tile_ids: Sequence[str]) -> 
         for f in (out / f"{tid}.tif", out / "outputs" / f"{tid}.npz"):
             f.unlink(missing_ok=True)
     io.clean_temps(out, [f"{t}.tif" for t in ids] + [t.name for t in tables])
-    for f in [*tables, out / "tiles.tsv", out / shards.CHECK_FILE]:
+    for f in [*tables, out / MERGED_TABLE, out / CHECK_FILE]:
         f.unlink(missing_ok=True)
 
 
@@ -433,6 +431,10 @@ def table_name(shard) -> str:
     i, n = parse_shard(shard)
     return f"tiles_shard-{i}-of-{n}.tsv"
 
+
+# the files the merge step of sharded inference (seglab.segment.shards) adds to a predict folder
+CHECK_FILE = "shards_check.json"   # what the merge found: every tile exactly once, or not
+MERGED_TABLE = "tiles.tsv"          # the shard tables in one
 
 # Columns every shard table has, old or new: what readers (cohort_prediction.collect_table,
 # the merge step) select. Tables written now add EXTRA_COLUMNS.

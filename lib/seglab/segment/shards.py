@@ -23,7 +23,7 @@ from seglab import SeglabError
 from seglab.core import io
 from seglab.segment import predict
 
-CHECK_FILE = "shards_check.json"   # what the merge step of sharded inference found
+CHECK_FILE = predict.CHECK_FILE   # what the merge step of sharded inference found
 
 
 def _now() -> str:
@@ -155,7 +155,7 @@ def merge_shards(tiles_dir, out_dir, n_shards: int, log=print) -> ShardCheck:
             "seglab predict skips finished tiles)")
     merged = pd.concat([pd.read_csv(out / predict.table_name((i, n_shards)), sep="\t", dtype={"tile": str})
                         for i in range(n_shards)], ignore_index=True).sort_values("tile")
-    io.write_table(out / "tiles.tsv", merged)
+    io.write_table(out / predict.MERGED_TABLE, merged)
     log(f"[seglab] {check.n_tiles} tiles, each written by exactly one of {n_shards} shards; "
-        f"table {out / 'tiles.tsv'}")
+        f"table {out / predict.MERGED_TABLE}")
     return check
