@@ -35,7 +35,7 @@ def test_metric_values_are_the_library_scores():
     ours = claims.metric_values(sums)
     for row, got in zip(sums, ours):
         tp, fp, fn = row
-        ref = metrics._scores(0.5, tp + fn, tp + fp, tp, 0.0)
+        ref = metrics.scores(0.5, tp + fn, tp + fp, tp, 0.0)
         assert got.tolist() == [ref[m] for m in claims.METRICS]
 
 
@@ -161,7 +161,7 @@ def brute_force_p(a, b, donors, metric, th_index):
     """Two-sided p over every swap of A and B within donors, with the library's pooled scores."""
     def pooled(counts):
         tp, fp, fn = counts.sum(axis=0)[th_index]
-        return metrics._scores(0.5, tp + fn, tp + fp, tp, 0.0)[metric]
+        return metrics.scores(0.5, tp + fn, tp + fp, tp, 0.0)[metric]
 
     ids = np.unique(donors)
     stats = []

@@ -17,7 +17,7 @@ counts tp, fp, fn, and the tile's donor. The metrics are the pooled ones of
 :attr:`seglab.evaluate.metrics.Evaluation.pooled`: counts summed over tiles, then
 ``ap = tp / (tp + fp + fn)``, ``f1 = 2 tp / (2 tp + fp + fn)``, ``precision = tp / (tp + fp)``,
 ``recall = tp / (tp + fn)``, each 0 when tp is 0. The point estimates come from
-``metrics._scores`` itself; :func:`metric_values` is its vectorised form for the resamples (the
+``metrics.scores`` itself; :func:`metric_values` is its vectorised form for the resamples (the
 tests check that both agree). Everything is a fraction in [0, 1]; differences are ``B - A`` in
 [-1, 1] (0.05 is five AP points).
 
@@ -105,7 +105,7 @@ def metric_values(sums: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    array (..., 4) of fractions; every ratio is 0 where tp is 0, as in ``metrics._scores``.
+    array (..., 4) of fractions; every ratio is 0 where tp is 0, as in ``metrics.scores``.
     """
     sums = np.asarray(sums, dtype=float)
     tp, fp, fn = sums[..., 0], sums[..., 1], sums[..., 2]
@@ -120,12 +120,12 @@ def metric_values(sums: np.ndarray) -> np.ndarray:
 
 def pooled_estimates(counts: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
     """(T, 4) pooled ap, f1, precision, recall of per-tile counts (N, T, 3), through the library's
-    own definition (``metrics._scores``, what ``Evaluation.pooled`` reports)."""
+    own definition (``metrics.scores``, what ``Evaluation.pooled`` reports)."""
     sums = np.asarray(counts, dtype=float).sum(axis=0)
     out = np.empty((len(thresholds), len(METRICS)))
     for j, th in enumerate(thresholds):
         tp, fp, fn = (float(v) for v in sums[j])
-        row = metrics._scores(float(th), tp + fn, tp + fp, tp, 0.0)
+        row = metrics.scores(float(th), tp + fn, tp + fp, tp, 0.0)
         out[j] = [row[m] for m in METRICS]
     return out
 

@@ -364,7 +364,9 @@ def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if den > 0 else 0.0
 
 
-def _scores(th: float, n_true: int, n_pred: int, tp: int, sum_iou: float) -> dict:
+def scores(th: float, n_true: int, n_pred: int, tp: int, sum_iou: float) -> dict:
+    """The scores of one threshold from counts: the one definition of AP (tp / (tp + fp + fn)),
+    precision, recall, F1 and PQ here (fractions), used for images, pools and claims."""
     fp = n_pred - tp
     fn = n_true - tp
     # StarDist's convention: every ratio is 0 when tp is 0 (so never NaN)
@@ -385,7 +387,7 @@ def _match_rows(ov: Overlap, thresholds: Sequence[float]) -> list[dict]:
     rows = []
     for th in thresholds:
         _, matched_iou = _match_threshold(ov, th)
-        rows.append(_scores(th, ov.n_true, ov.n_pred, len(matched_iou), float(matched_iou.sum())))
+        rows.append(scores(th, ov.n_true, ov.n_pred, len(matched_iou), float(matched_iou.sum())))
     return rows
 
 
@@ -404,7 +406,7 @@ def pooled_match(y_trues: Sequence[np.ndarray], y_preds: Sequence[np.ndarray], t
         _, matched_iou = _match_threshold(ov, th)
         n_true, n_pred, tp = n_true + ov.n_true, n_pred + ov.n_pred, tp + len(matched_iou)
         sum_iou += float(matched_iou.sum())
-    return _scores(th, n_true, n_pred, tp, sum_iou)
+    return scores(th, n_true, n_pred, tp, sum_iou)
 
 
 def match(y_true: np.ndarray, y_pred: np.ndarray, thresholds=DEFAULT_THRESHOLDS) -> pd.DataFrame:
@@ -580,7 +582,7 @@ def _pooled(per_image: pd.DataFrame, thresholds) -> pd.DataFrame:
         sub = per_image[per_image["threshold"] == th]
         n_true, n_pred, tp = (int(sub[c].sum()) for c in ("n_true", "n_pred", "tp"))
         sum_iou = float((sub["mean_matched_iou"] * sub["tp"]).sum())
-        row = _scores(th, n_true, n_pred, tp, sum_iou)
+        row = scores(th, n_true, n_pred, tp, sum_iou)
         row["n_images"] = int(len(sub))
         rows.append(row)
     return pd.DataFrame(rows, columns=MATCH_COLUMNS + ["n_images"])
