@@ -26,7 +26,6 @@ import sys
 from seglab import SeglabError, __version__
 from seglab.core import paths
 
-# Modules that contribute subcommands, in the order their commands are listed.
 EXIT_OSERROR = 74
 
 # What to do about an OSError, by errno; the reason itself is the system's (strerror).
@@ -45,7 +44,16 @@ OSERROR_FIXES = {
     errno.EMFILE: "too many open files: raise the limit (ulimit -n) or use smaller batches",
 }
 
-COMMAND_MODULES = ["seglab.cli.runs", "seglab.cli.data", "seglab.cli.evaluate", "seglab.cli.slurm", "seglab.cli.models", "seglab.cli.prepare", "seglab.cli.readme"]
+# Modules that contribute subcommands, in the order their commands are listed.
+COMMAND_MODULES = [
+    "seglab.cli.runs",
+    "seglab.cli.data",
+    "seglab.cli.evaluate",
+    "seglab.cli.slurm",
+    "seglab.cli.models",
+    "seglab.cli.prepare",
+    "seglab.cli.readme",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
