@@ -53,6 +53,7 @@ COMMAND_MODULES = [
     "seglab.cli.models",
     "seglab.cli.prepare",
     "seglab.cli.readme",
+    "seglab.cli.slides",
 ]
 
 
