@@ -54,6 +54,7 @@ COMMAND_MODULES = [
     "seglab.cli.prepare",
     "seglab.cli.readme",
     "seglab.cli.slides",
+    "seglab.cli.volumes",
 ]
 
 
