@@ -230,8 +230,9 @@ def write_volume(path: str | os.PathLike, arr: np.ndarray, voxel: VoxelSize | No
         if imagej:
             kwargs["metadata"] = {"spacing": voxel.z_um, "unit": "um", "axes": "ZYX"}
     with io.atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, arr, imagej=imagej and voxel is not None, compression="zlib"
-                         if not (imagej and voxel is not None) else None, **kwargs)
+        # photometric: a volume of 3 or 4 planes would otherwise be stored as an RGB(A) image
+        tifffile.imwrite(tmp, arr, imagej=imagej and voxel is not None, photometric="minisblack",
+                         compression=None if (imagej and voxel is not None) else "zlib", **kwargs)
     return Path(path)
 
 

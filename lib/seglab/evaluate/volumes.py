@@ -46,6 +46,9 @@ RESULTS_FILE = "evaluation_results.csv"
 SUMMARY_FILE = "evaluation_results_summary.txt"
 COMPARISON_FILE = "evaluation_comparison.csv"
 POOLED = "pooled"
+COUNT_COLUMNS = ("n_true", "n_pred", "tp", "fp", "fn", "foreground_true_voxels", "foreground_pred_voxels",
+                 "foreground_both_voxels", "boundary_pred_voxels", "boundary_true_voxels", "boundary_pred_hit",
+                 "boundary_true_hit", "n_split", "n_merged")
 COLUMNS = ["volume", "status", "error", "threshold", "n_true", "n_pred", "tp", "fp", "fn", "precision", "recall",
            "f1", "ap", "mean_matched_iou", "foreground_iou", "foreground_dice", "foreground_true_voxels",
            "foreground_pred_voxels", "foreground_both_voxels", "boundary_precision", "boundary_recall",
@@ -147,7 +150,10 @@ def score_folder(pred_dir: str | os.PathLike, labels_dir: str | os.PathLike, thr
             frames.append(pd.DataFrame([{"volume": case, "status": "failed", "error": str(exc), "threshold": th}
                                         for th in ths]))
     per_volume = pd.concat(frames, ignore_index=True).reindex(columns=COLUMNS)
-    return pd.concat([per_volume, pooled_rows(per_volume)], ignore_index=True)
+    table = pd.concat([per_volume, pooled_rows(per_volume)], ignore_index=True)
+    counts = [c for c in COLUMNS if c in COUNT_COLUMNS]
+    table[counts] = table[counts].astype("Int64")   # failed rows hold no counts (<NA>), the others stay integers
+    return table
 
 
 def summary_text(table: pd.DataFrame, name: str, tol: float) -> str:
@@ -160,7 +166,7 @@ def summary_text(table: pd.DataFrame, name: str, tol: float) -> str:
         lines.append(f"  failed {v}: {vols.loc[vols['volume'] == v, 'error'].iloc[0]}")
     lines.append(f"{'threshold':>9} {'n_true':>7} {'n_pred':>7} {'tp':>6} {'ap':>7} {'prec':>7} {'recall':>7} {'f1':>7}")
     for r in table[table["volume"] == POOLED].to_dict("records"):
-        lines.append(f"{r['threshold']:>9.3g} {r['n_true']:>7d} {r['n_pred']:>7d} {r['tp']:>6d} {r['ap']:>7.4f} "
+        lines.append(f"{r['threshold']:>9.3g} {int(r['n_true']):>7d} {int(r['n_pred']):>7d} {int(r['tp']):>6d} {r['ap']:>7.4f} "
                      f"{r['precision']:>7.4f} {r['recall']:>7.4f} {r['f1']:>7.4f}")
     pooled = table[table["volume"] == POOLED]
     if len(pooled):
