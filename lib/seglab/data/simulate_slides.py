@@ -43,6 +43,8 @@ class SlideSim:
     debris_fraction, debris_radius_px : fraction of small debris objects and their radius (px).
     positive_fraction : fraction of cells with a marker (CD45) ring.
     tissue_fraction : semi-axes of the tissue ellipse as a fraction of the slide's half sides.
+    min_gap : two centres are at least min_gap x the sum of their long semi-axes apart (< 1: some touch).
+    dim_fraction : fraction of dim (out-of-plane) cells, at 0.35 of the brightness.
     background, signal : camera counts of the background and of a nucleus (before noise).
     """
 
@@ -56,6 +58,8 @@ class SlideSim:
     debris_radius_px: float = 3.5
     positive_fraction: float = 0.3
     tissue_fraction: float = 0.85
+    min_gap: float = 0.95
+    dim_fraction: float = 0.1
     background: float = 100.0
     signal: float = 900.0
 
@@ -77,8 +81,8 @@ def _cells(rng: np.random.Generator, height: int, width: int, sim: SlideSim) -> 
     y, x = cy + ay * rho * np.sin(t), cx + ax * rho * np.cos(t)
     angle = rng.uniform(0, math.pi, n)
     positive = rng.uniform(0, 1, n) < sim.positive_fraction
-    brightness = np.exp(rng.normal(0, 0.15, n))
-    # reject overlaps: a cell keeps its place when no kept cell lies within (r1 + r2 + 2) px
+    brightness = np.exp(rng.normal(0, 0.25, n)) * np.where(rng.uniform(0, 1, n) < sim.dim_fraction, 0.35, 1.0)
+    # reject crowding: a cell keeps its place when no kept cell's centre lies within min_gap x (a1 + a2) px
     cell = 2 * sim.large_radius_px * 1.3 + 2
     grid: dict = {}
     keep = np.zeros(n, bool)
@@ -88,7 +92,7 @@ def _cells(rng: np.random.Generator, height: int, width: int, sim: SlideSim) -> 
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
                 for j in grid.get((gy + dy, gx + dx), ()):
-                    if (y[i] - y[j]) ** 2 + (x[i] - x[j]) ** 2 < (a[i] + a[j] + 2) ** 2:
+                    if (y[i] - y[j]) ** 2 + (x[i] - x[j]) ** 2 < (sim.min_gap * (a[i] + a[j])) ** 2:
                         ok = False
                         break
                 if not ok:
