@@ -14,7 +14,7 @@ def _settings(args):
     from seglab.core.units import AreaFilter
     from seglab.segment.slides import SlideSettings
 
-    area = AreaFilter(args.min_area_um2, args.max_area_um2, source="--min-area-um2/--max-area-um2")
+    area = AreaFilter(args.min_area_um2, args.max_area_um2, source="--min-area-um2 / --max-area-um2")
     return SlideSettings(tile_px=args.tile_px, overlap_px=args.overlap_px, sample_fraction=args.sample_fraction,
                          seed=args.seed, min_tissue_fraction=args.min_tissue_fraction,
                          channels=tuple(args.channels.split(",")) if args.channels else None,
@@ -44,7 +44,7 @@ def _job_mem_gb(args) -> float | None:
     return None
 
 
-def launch_plan(model: str, device, tile_px: int, overlap_px: int, workers: int, job_mem_gb: float | None,
+def launch_plan(model: str, device_type: str, tile_px: int, overlap_px: int, workers: int, job_mem_gb: float | None,
                 gpus: int, gpu_mem_gb: float | None, margin: float, *, required: bool, log=print):
     """The memory check of a launch: the stored measure of this model, device and window size
     against the job; refuses (PlanDoesNotFit) before any work. Without a measure: refused when
@@ -52,10 +52,10 @@ def launch_plan(model: str, device, tile_px: int, overlap_px: int, workers: int,
     from seglab.slurm import memory
 
     window = int(tile_px) + 2 * int(overlap_px)
-    w = memory.load_measure(model, device.type, window)
+    w = memory.load_measure(model, device_type, window)
     if w is None:
-        msg = (f"no stored memory measure for {model} on {device.type} with {window} px windows; measure one worker "
-               f"first: seglab plan --measure --model {model} --device {device.type} --tile-px {tile_px} "
+        msg = (f"no stored memory measure for {model} on {device_type} with {window} px windows; measure one worker "
+               f"first: seglab plan --measure --model {model} --device {device_type} --tile-px {tile_px} "
                f"--overlap-px {overlap_px}")
         if required:
             raise SeglabError(msg)
@@ -81,7 +81,7 @@ def cmd_predict_slide(args) -> int:
     settings = _settings(args)
     slides = _slides(args.slides)
     device = as_device(args.device)
-    launch_plan(args.model, device, args.tile_px, args.overlap_px, args.workers, _job_mem_gb(args),
+    launch_plan(args.model, device.type, args.tile_px, args.overlap_px, args.workers, _job_mem_gb(args),
                 int(args.gpus or (1 if device.type == "cuda" else 0)), args.gpu_mem_gb, args.margin,
                 required=args.workers > 1)
     mask = MaskSettings(diameter_px=args.diameter_px, flow_threshold=args.flow_threshold,
@@ -100,15 +100,17 @@ def cmd_plan(args) -> int:
     from seglab.segment.slides import as_device
     from seglab.slurm import memory
 
-    device = as_device(args.device)
     window = int(args.tile_px) + 2 * int(args.overlap_px)
-    if args.measure:
-        w = memory.measure_worker(args.model, device, window)
+    dev_type = str(args.device).split(":")[0]
+    if dev_type not in ("cpu", "cuda"):
+        raise SeglabError(f"--device {args.device}: use cpu or cuda")
+    if args.measure:   # measuring needs the device here; planning for a GPU job does not
+        w = memory.measure_worker(args.model, as_device(args.device), window)
         print(f"measured one worker: {w.host_gb:g} GB host, {w.gpu_gb:g} GB GPU ({w.model}, {w.device}, "
               f"{window} px window) -> {memory.store(w)}")
-    w = memory.load_measure(args.model, device.type, window)
+    w = memory.load_measure(args.model, dev_type, window)
     if w is None:
-        raise SeglabError(f"no stored measure for {args.model} on {device.type} with {window} px windows; "
+        raise SeglabError(f"no stored measure for {args.model} on {dev_type} with {window} px windows; "
                           "add --measure to measure one worker now")
     if args.job_mem_gb is None:
         print(f"worker: {w.host_gb:g} GB host, {w.gpu_gb:g} GB GPU (measured {w.measured} on {w.host}); give "
@@ -123,7 +125,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_submit_slides(args) -> int:
-    from seglab.segment.slides import as_device
     from seglab.slurm.cluster import load_cluster
     from seglab.slurm.memory import parse_mem_gb
     from seglab.slurm.plan import Job, Plan
@@ -134,10 +135,9 @@ def cmd_submit_slides(args) -> int:
     cluster = load_cluster(args.cluster)
     res = cluster.resources("predict")
     gpus = int(res.get("gpus") or 0)
-    # the node's device: checked on the node by $SEGLAB_DEVICE; the plan only needs its type
-    device = as_device("cpu") if not gpus else None
+    # the node's device is checked on the node (as_device there); the plan here needs its type only
     dev_type = "cuda" if gpus else "cpu"
-    launch_plan(args.model, device if device is not None else _CudaType(), settings.tile_px, settings.overlap_px,
+    launch_plan(args.model, dev_type, settings.tile_px, settings.overlap_px,
                 args.workers, parse_mem_gb(res["mem"]), gpus, args.gpu_mem_gb, args.margin, required=True)
     out = str(Path(args.out).resolve())
     base = ["seglab", "predict-slide", "--model", args.model, "--out", out, "--workers", str(args.workers),
@@ -156,10 +156,6 @@ def cmd_submit_slides(args) -> int:
     submit(Plan(profile=None, jobs=[job], skipped=[], reused=[]), cluster, shlex.join(["seglab", *sys.argv[1:]]),
            dry_run=args.dry_run)
     return 0
-
-
-class _CudaType:
-    type = "cuda"
 
 
 def _common(p, *, slides=True):

@@ -54,8 +54,8 @@ def px_to_um(length_px, pixel_size_um: float):
 class AreaFilter:
     """Keep objects whose area lies in [min_um2, max_um2] (um^2; None = no bound on that side).
 
-    Raises SeglabError (naming ``source``, e.g. the params file) when min > max or a bound is
-    negative.
+    Raises SeglabError (naming ``source``, e.g. the params file, and the params keys
+    ``min_area_um2`` / ``max_area_um2``) when min > max or a bound is negative.
     """
 
     min_um2: float | None = None
@@ -63,13 +63,13 @@ class AreaFilter:
     source: str = "area filter"
 
     def __post_init__(self):
-        for key in ("min_um2", "max_um2"):
-            v = getattr(self, key)
+        # named by their params keys (min_area_um2 / max_area_um2), which is where users set them
+        for key, v in (("min_area_um2", self.min_um2), ("max_area_um2", self.max_um2)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
                 raise SeglabError(f"{self.source}: {key}={v!r} must be a number of um^2 >= 0 or null")
         if self.min_um2 is not None and self.max_um2 is not None and self.min_um2 > self.max_um2:
-            raise SeglabError(f"{self.source}: area filter min_um2={self.min_um2} is larger than max_um2="
-                              f"{self.max_um2}; give min_um2 <= max_um2 (both in um^2)")
+            raise SeglabError(f"{self.source}: area filter min_area_um2={self.min_um2} is larger than max_area_um2="
+                              f"{self.max_um2}; give min_area_um2 <= max_area_um2 (both in um^2)")
 
     @classmethod
     def from_params(cls, params: dict, source: str = "params") -> "AreaFilter":
@@ -78,10 +78,7 @@ class AreaFilter:
             v = params.get(key)
             return None if v is None else float(v) if not isinstance(v, bool) and isinstance(v, (int, float)) else v
 
-        try:
-            return cls(get("min_area_um2"), get("max_area_um2"), source=source)
-        except SeglabError as exc:
-            raise SeglabError(str(exc).replace("min_um2", "min_area_um2").replace("max_um2", "max_area_um2")) from None
+        return cls(get("min_area_um2"), get("max_area_um2"), source=source)
 
     def px_bounds(self, pixel_size_um: float) -> tuple[int, int | None]:
         """(min_px, max_px) at ``pixel_size_um``: whole px, inclusive (max None: no upper bound)."""
