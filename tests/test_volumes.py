@@ -295,3 +295,23 @@ def test_predict_folder_names_resume_and_failures(small_dataset, one_thread):
                                 progress=False, log=None)
         assert sorted(p.name for p in r.out.glob("*.tiff")) == [f"{c}.tiff" for c in cases]
         assert r.out.name == f"imagesTs_{name}"
+
+
+def test_slurm_plan_one_task_per_volume_and_done_volumes_skipped(tmp_path, repo_root):
+    from seglab.slurm.cluster import load_cluster
+    from seglab.slurm.plan import plan_predict_3d
+
+    images = tmp_path / "imagesTs"
+    for c in ("a", "b", "c"):
+        vdata.write_volume(images / f"{c}_0000.tif", np.zeros((4, 16, 16), np.float32))
+    out = tmp_path / "imagesTs_xy"
+    cluster = load_cluster(repo_root / "slurm" / "cluster.yaml")
+    plan = plan_predict_3d("generalist", str(images), str(out), cluster, extra_args=["--method", "xy"])
+    (job,) = plan.jobs
+    assert [t["args"] for t in job.tasks] == [["--case", "a"], ["--case", "b"], ["--case", "c"]]
+    assert job.task_ids == [0, 1, 2] and job.command[:2] == ["seglab", "predict-3d"] and "xy" in job.command
+    vdata.write_volume(out / "b.tiff", np.zeros((4, 16, 16), np.uint16))
+    assert plan_predict_3d("generalist", str(images), str(out), cluster).jobs[0].task_ids == [0, 2]
+    for c in ("a", "c"):
+        vdata.write_volume(out / f"{c}.tiff", np.zeros((4, 16, 16), np.uint16))
+    assert not plan_predict_3d("generalist", str(images), str(out), cluster).jobs

@@ -121,6 +121,19 @@ def cmd_train_3d(args) -> int:
     return 0
 
 
+def cmd_submit_predict_3d(args) -> int:
+    import shlex
+
+    from seglab.slurm.cluster import load_cluster
+    from seglab.slurm.plan import plan_predict_3d
+    from seglab.slurm.submit import submit
+
+    cluster = load_cluster(args.cluster)
+    plan = plan_predict_3d(args.model, args.images, args.out, cluster, extra_args=args.predict_args, force=args.force)
+    submit(plan, cluster, "seglab " + shlex.join(sys.argv[1:]), dry_run=args.dry_run)
+    return 0
+
+
 def _inference_args(p, *, methods: bool) -> None:
     if methods:
         p.add_argument("--methods", nargs="+", default=["orthoplane", "xy", "cellpose3d", "stitch"],
@@ -133,7 +146,7 @@ def _inference_args(p, *, methods: bool) -> None:
     p.add_argument("--flow-threshold", type=float, help="2D masks' flow error threshold (unused by cellpose3d)")
     p.add_argument("--cellprob-threshold", type=float)
     p.add_argument("--min-size", type=int, help="smallest object: px per plane for 2D masks, voxels in 3D")
-    p.add_argument("--stitch-threshold", type=float, default=0.25, help="IoU linking masks of neighbouring planes")
+    p.add_argument("--stitch-threshold", type=float, default=0.5, help="IoU linking masks of neighbouring planes")
     p.add_argument("--consensus-iou", type=float, default=0.3, help="IoU at which two orthoplane stacks' objects agree")
     p.add_argument("--min-votes", type=int, help="stacks that must agree (default: a majority, 2 of 3)")
     p.add_argument("--downsample", type=float, default=1.0, help="shrink every axis by this factor first (memory)")
@@ -160,6 +173,16 @@ def add_commands(sub) -> None:
     p.add_argument("--out", help="output folder (default: imagesTs_<method> beside --images)")
     _inference_args(p, methods=False)
     p.set_defaults(func=cmd_predict_3d)
+
+    p = sub.add_parser("submit-predict-3d", help="Slurm: one array task per volume of `seglab predict-3d --case`")
+    p.add_argument("--model", required=True, help="model spec, as for predict-3d")
+    p.add_argument("--images", required=True, help="folder of volumes <case>_0000.tif(f)")
+    p.add_argument("--out", required=True, help="output folder (e.g. DatasetNNN/imagesTs_orthoplane), shared by the tasks")
+    p.add_argument("predict_args", nargs="*", metavar="-- PREDICT_ARGS", help="further predict-3d arguments, after --")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    p.add_argument("--force", action="store_true", help="submit every volume, also those predicted")
+    p.add_argument("--cluster", metavar="FILE", help="cluster settings (default: slurm/cluster.yaml or $SEGLAB_CLUSTER)")
+    p.set_defaults(func=cmd_submit_predict_3d)
 
     p = sub.add_parser("test-3d", help="predict a 3D dataset's imagesTs with each method, then evaluate every "
                        "imagesTs_* folder against instancesTs")

@@ -75,7 +75,7 @@ class VolumeSettings:
 
     method: str = "orthoplane"
     axes: tuple = AXES
-    stitch_threshold: float = 0.25
+    stitch_threshold: float = 0.5
     consensus_iou: float = 0.3
     min_votes: int | None = None
     downsample: float = 1.0

@@ -357,6 +357,34 @@ def plan_predict(model: str, tiles: str, out: str, shards: int, cluster: Cluster
     return Plan(profile=None, jobs=jobs, skipped=skipped, reused=[])
 
 
+def plan_predict_3d(model: str, images: str, out: str, cluster: Cluster, extra_args: list[str] | None = None,
+                    force: bool = False) -> Plan:
+    """One array task per volume of ``images``: ``seglab predict-3d ... --case <case>`` (3D volumes).
+
+    A volume whose ``<case>.tiff`` is in ``out`` is skipped on resubmission (``predict-3d`` writes it
+    last, so a task killed midway runs again). No merge step: each task writes its own volume's files.
+    """
+    from seglab.data import volumes as vdata
+
+    images, out = str(Path(images).resolve()), str(Path(out).resolve())
+    if Path(model).suffix in (".pt", ".pth") and Path(model).exists():
+        model = str(Path(model).resolve())
+    cases = sorted(vdata.index_folder(images, "volumes"))   # a missing folder fails here, not on the node
+    if not cases:
+        raise SeglabError(f"{images}: no .tif/.tiff volumes to segment")
+    tasks = [{"id": i, "args": ["--case", c], "label": f"volume {c}"} for i, c in enumerate(cases)]
+    todo = [i for i, c in enumerate(cases) if force or not (Path(out) / f"{c}{vdata.OUT_SUFFIX}").is_file()]
+    if not todo:
+        return Plan(profile=None, jobs=[], reused=[], skipped=[
+            {"experiment": "predict-3d", "reason": f"all {len(cases)} volumes predicted", "run_dir": None}])
+    job = Job(name="predict-3d", kind="predict-3d", title=f"predict-3d {model} on {images} ({len(cases)} volumes)",
+              command=["seglab", "predict-3d", "--model", model, "--images", images, "--out", out, *(extra_args or [])],
+              resources=cluster.resources("predict"), tasks=tasks, task_ids=todo, meta={"images": images, "out": out},
+              note=f"array of {len(cases)} volumes" + (f", {len(cases) - len(todo)} done and skipped"
+                                                       if len(todo) < len(cases) else ""))
+    return Plan(profile=None, jobs=[job], skipped=[], reused=[])
+
+
 def describe(plan: Plan) -> str:
     """The dependency graph as text: one line per job, then what is skipped or reused."""
     lines = []
