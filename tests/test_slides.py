@@ -180,7 +180,7 @@ def test_every_true_cell_found_once_across_seams(written, predicted):
     near = per[per["seam_distance_px"] < 16]
     assert len(near) >= 40   # many cells straddle the seams
     assert near["matched"].mean() >= per[per["seam_distance_px"] >= 64]["matched"].mean() - 0.02
-    params = {"tile_px": TILE, "overlap_px": OVERLAP, "diameter_px": 20.0, "channels": None}
+    params = {"tile_px": TILE, "overlap_px": OVERLAP, "cell_diameter_px": 20.0, "channels": None}
     ref = e8.single_window_reference(params, {**written["czi"], "slide": "T"}, predicted["model"], AREA)
     assert ref["n_true"] > 60
     print("seam check:", row, "near-seam recall", round(near["matched"].mean(), 4), "n_near", len(near), "ref", ref)

@@ -59,6 +59,11 @@ def settings(params: dict, fraction: float | None = None) -> seg.SlideSettings:
     return seg.SlideSettings.from_params(p, source="params/<profile>/08_slides.yaml")
 
 
+def mask_settings(params: dict) -> MaskSettings:
+    """The mask settings of E8: ``cell_diameter_px``, the library's defaults for the rest."""
+    return MaskSettings(diameter_px=params["cell_diameter_px"])
+
+
 def make_slides(params: dict, log: Callable | None = print) -> list[dict]:
     """Step 1: ``n_slides`` simulated slides of ``slide_px`` px in ``slides_dir`` (CZI for even
     indices, OME-TIFF for odd), seeds ``seed + i``; reused when already written with the same arguments."""
@@ -77,7 +82,7 @@ def make_slides(params: dict, log: Callable | None = print) -> list[dict]:
 def predict_pass(params: dict, slides: Sequence[dict], out: Path, fraction: float,
                  log: Callable | None = print) -> list[seg.SlideResult]:
     """Step 2: one pass over every slide at ``fraction`` of its tissue tiles (``workers`` processes)."""
-    mask = MaskSettings.from_params(params)
+    mask = mask_settings(params)
     return seg.run_slides([s["path"] for s in slides], out, params["model"], settings(params, fraction), mask,
                           device=None, workers=int(params["workers"]), log=log)
 
@@ -179,7 +184,7 @@ def single_window_reference(params: dict, slide: dict, model, area: AreaFilter) 
         tile = seg.Tile("centre", 0, 0, y0, min(y0 + t, s.height_px), x0, min(x0 + t, s.width_px),
                         max(y0 - st.overlap_px, 0), min(y0 + t + st.overlap_px, s.height_px),
                         max(x0 - st.overlap_px, 0), min(x0 + t + st.overlap_px, s.width_px))
-        image, labels = seg.segment_tile(model, s, tile, MaskSettings.from_params(params))
+        image, labels = seg.segment_tile(model, s, tile, mask_settings(params))
         objs, crop, (oy, ox) = seg.tile_objects(labels, image, tile, s.id, s.pixel_size_um, s.names)
         keep = area.keep(objs["area_px"].to_numpy(), s.pixel_size_um) if len(objs) else np.zeros(0, bool)
         lut = np.zeros(len(objs) + 1, np.uint32)
