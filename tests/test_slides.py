@@ -271,3 +271,17 @@ def test_devices_are_torch_devices():
     if not torch.cuda.is_available():
         with pytest.raises(SeglabError, match="torch sees 0 CUDA GPU"):
             seg.as_device("cuda")
+
+
+def test_submit_slides_checks_the_plan_then_writes_one_array_task_per_slide(written, tmp_path, probe_root):
+    (tmp_path / "cluster.yaml").write_text("gpus: 1\nmem: 32G\njobs:\n  predict: {time: \"01:00:00\"}\n")
+    memory.store(memory.WorkerMemory(model="cpsam", device="cuda", tile_px=4096 + 2 * 128, host_gb=7.5, gpu_gb=4.0))
+    base = [sys.executable, "-m", "seglab", "submit-slides", str(written["czi"]["path"]), str(written["ome"]["path"]),
+            "--out", str(tmp_path / "o"), "--model", "cpsam", "--tile-px", "4096", "--overlap-px", "128",
+            "--gpu-mem-gb", "80", "--cluster", str(tmp_path / "cluster.yaml"), "--dry-run"]
+    p = subprocess.run(base + ["--workers", "4"], capture_output=True, text=True, cwd=probe_root)
+    assert p.returncode == 1 and "4 worker(s) x 7.5 GB host = 30.0 GB of 32 GB" in p.stderr
+    assert "at most 3 worker(s) fit" in p.stderr
+    p = subprocess.run(base + ["--workers", "3"], capture_output=True, text=True, cwd=probe_root)
+    assert p.returncode == 0, p.stderr
+    assert "--array=0-1" in p.stdout and "predict-slide" in p.stdout and "T.ome.tif" in p.stdout

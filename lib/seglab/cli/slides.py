@@ -150,7 +150,7 @@ def cmd_submit_slides(args) -> int:
         if v is not None:
             base += [flag, str(v)]
     tasks = [{"id": i, "args": [str(p)], "label": p.name} for i, p in enumerate(slides)]
-    job = Job(name="predict", kind="predict", title=f"predict-slide {args.model} on {len(slides)} slide(s)",
+    job = Job(name="predict-slides", kind="slides", title=f"predict-slide {args.model} on {len(slides)} slide(s)",
               command=base, resources=res, tasks=tasks, task_ids=[t["id"] for t in tasks],
               meta={"slides": [str(p) for p in slides], "out": out}, note=f"array of {len(slides)} slide(s)")
     submit(Plan(profile=None, jobs=[job], skipped=[], reused=[]), cluster, shlex.join(["seglab", *sys.argv[1:]]),
