@@ -30,6 +30,7 @@ with zeros to the network's ``[DAPI, marker, 0]`` input.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -282,7 +283,7 @@ class Model:
     # ---- segmentation -------------------------------------------------------------------
     def segment(self, images, mask: MaskSettings | None = None, *, batch_size: int | None = None,
                 return_outputs: bool = False, tile_overlap: float = 0.1, augment: bool = False,
-                compute_masks: bool = True):
+                compute_masks: bool = True, return_styles: bool = False):
         """Segment one image ``(C, Y, X)`` or a same-shape stack ``(N, C, Y, X)`` / list.
 
         Parameters
@@ -300,6 +301,9 @@ class Model:
             None, and ``dynamics.masks_from_outputs(outputs[i], mask, device=self.device)``
             makes the mask cellpose's eval would have made (``seglab predict``'s pipeline runs
             it in another thread while the network works on the next batch).
+        return_styles : also put the image's style vector into each outputs dict (``style``, see
+            :func:`style_layer`; needs ``return_outputs``). cellpose 4's eval returns zeros as
+            styles, so they are taken from the network here; masks and flows are unchanged.
 
         Returns
         -------
@@ -315,6 +319,9 @@ class Model:
         if not compute_masks and not (return_outputs and self.kind == "cellpose"):
             raise SeglabError("segment(compute_masks=False): only a network model's outputs can be returned "
                               "without masks; pass return_outputs=True")
+        if return_styles and not (return_outputs and self.kind == "cellpose"):
+            raise SeglabError("segment(return_styles=True): styles come with a network model's outputs; "
+                              "pass return_outputs=True")
         mask = MaskSettings() if mask is None else mask
         xs = [self._restrict(self.as_network_input(im, name=f"image {i}")) for i, im in enumerate(seq)]
         batch_size = self.default_batch_size if batch_size is None else int(batch_size)
@@ -333,8 +340,12 @@ class Model:
         for i, (x, d) in enumerate(zip(xs, diams)):
             groups.setdefault((x.shape, None if d is None else round(float(d), 6)), []).append(i)
         for (shape, d), idx in groups.items():
-            m, outs = self._eval_stack(np.stack([xs[i] for i in idx]), d, mask, batch_size,
-                                       tile_overlap=tile_overlap, augment=augment, compute_masks=compute_masks)
+            with capture_styles(self, enabled=return_styles) as styles:
+                m, outs = self._eval_stack(np.stack([xs[i] for i in idx]), d, mask, batch_size,
+                                           tile_overlap=tile_overlap, augment=augment, compute_masks=compute_masks)
+            if return_styles:
+                for out, style in zip(outs, styles.per_image(len(idx))):
+                    out["style"] = style
             for j, i in enumerate(idx):
                 masks[i], outputs[i] = m[j], outs[j]
         if single:
@@ -370,6 +381,58 @@ class Model:
         if not compute_masks:  # eval returned an empty array for the masks
             return [None] * n, outs
         return [as_label_dtype(mm) for mm in ms], outs
+
+
+def style_layer(net):
+    """The layer whose output is a network's style (the deepest features): the tiny U-Net's last
+    encoder block, Cellpose-SAM's encoder neck; SeglabError for other networks."""
+    if getattr(net, "backbone", None) == "tiny_unet":
+        return net.down[-1]
+    encoder = getattr(net, "encoder", None)
+    if encoder is not None and hasattr(encoder, "neck"):
+        return encoder.neck
+    raise SeglabError(f"style vectors: no style layer known for network {type(net).__name__}; "
+                      "use a tiny net or Cellpose-SAM")
+
+
+class _Styles:
+    """The pooled features of each network tile seen while :func:`capture_styles` was active."""
+
+    def __init__(self):
+        self.rows: list = []
+
+    def per_image(self, n_images: int) -> list:
+        """One L2-normalised style vector (S,) float32 per image: cellpose runs the tiles of the images
+        of one call in image order, the same number per image, so the rows split evenly."""
+        if not self.rows:
+            raise SeglabError("style vectors: the network ran on no tile")
+        rows = np.concatenate(self.rows)
+        if len(rows) % n_images:
+            raise SeglabError(f"style vectors: {len(rows)} network tiles do not split over {n_images} images")
+        styles = rows.reshape(n_images, -1, rows.shape[-1]).mean(axis=1)
+        norms = np.linalg.norm(styles, axis=1, keepdims=True)
+        return list((styles / np.where(norms > 0, norms, 1.0)).astype(np.float32))
+
+
+@contextlib.contextmanager
+def capture_styles(model: "Model", *, enabled: bool = True):
+    """Record the style of every network tile while active: the output of :func:`style_layer`
+    averaged over its spatial axes, as cellpose 3's style vector was (the mean of the deepest
+    features, L2-normalised per image by :meth:`_Styles.per_image`). A forward hook only reads
+    the features: the outputs do not change. Yields a :class:`_Styles`."""
+    styles = _Styles()
+    if not enabled:
+        yield styles
+        return
+
+    def hook(module, args, out):
+        styles.rows.append(out.detach().float().mean(dim=(-2, -1)).cpu().numpy())
+
+    handle = style_layer(model.net).register_forward_hook(hook)
+    try:
+        yield styles
+    finally:
+        handle.remove()
 
 
 def as_label_dtype(mask: np.ndarray) -> np.ndarray:
