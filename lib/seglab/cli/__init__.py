@@ -55,6 +55,7 @@ COMMAND_MODULES = [
     "seglab.cli.readme",
     "seglab.cli.slides",
     "seglab.cli.volumes",
+    "seglab.cli.active",
 ]
 
 
