@@ -28,8 +28,8 @@ with the scores of the strategies each scaled to [0, 1] over the candidates:
 - ``random``: the tile's seeded uniform draw.
 
 A strategy with weight 0 is not computed. Ties go to the candidate first in a seeded random order.
-With a single strategy enabled, the combination is that strategy: core-set alone is exactly
-:func:`k_center_greedy`, k-means alone picks the tile nearest each centre.
+With a single strategy enabled, the combination is that strategy: core-set alone is
+:func:`k_center_greedy` (up to the order of ties), k-means alone picks the tile nearest each centre.
 """
 
 from __future__ import annotations
