@@ -290,7 +290,7 @@ def test_predict_folder_names_resume_and_failures(small_dataset, one_thread):
         svol.predict_folder("generalist", ds / "imagesTs", settings=svol.VolumeSettings(bsize=32),
                             mask=MaskSettings(diameter_px=10.0), progress=False, log=None)
     (ds / "imagesTs" / "flat_0000.tif").unlink()
-    for name in ("xy", "cellpose3d", "stitch"):
+    for name in ("cellpose3d", "stitch"):   # xy runs orthoplane's code on one axis
         r = svol.predict_folder("generalist", ds / "imagesTs", settings=svol.settings_for(name, bsize=32), mask=mask,
                                 progress=False, log=None)
         assert sorted(p.name for p in r.out.glob("*.tiff")) == [f"{c}.tiff" for c in cases]

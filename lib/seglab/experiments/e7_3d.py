@@ -219,7 +219,7 @@ def headline(comparison: pd.DataFrame, answers: pd.DataFrame, trained: Trained,
              stardist: pd.DataFrame | None = None) -> dict:
     """``test_ap50_<method>_<aniso>`` and ``test_f1_50_<method>_<aniso>``, ``test_boundary_f1_<method>_<aniso>``
     (pooled over the test volumes), ``best_method_<aniso>``, ``stardist_ap50_<method>`` (when run),
-    ``n_anisotropies``, ``fit_wall_s`` (s). Scores rounded to 4 decimals."""
+    ``n_anisotropies``, ``fit_wall_s`` (s; 0 when every model came from the dataset's cache). Scores rounded to 4 decimals."""
     out = {}
     sub = comparison[np.isclose(comparison["threshold"], IOU)]
     for r in sub.to_dict("records"):
