@@ -315,3 +315,22 @@ def test_slurm_plan_one_task_per_volume_and_done_volumes_skipped(tmp_path, repo_
     for c in ("a", "c"):
         vdata.write_volume(out / f"{c}.tiff", np.zeros((4, 16, 16), np.uint16))
     assert not plan_predict_3d("generalist", str(images), str(out), cluster).jobs
+
+
+def test_cli_train_3d_then_test_after_training(tmp_path):
+    ds = tmp_path / "Dataset005_T"
+    simulate3d.simulate_dataset(ds, n_train=1, n_test=1, shape_um=(12, 32, 32), anisotropy=2.0, seed=2)
+    r = subprocess.run([sys.executable, "-m", "seglab", "train-3d", "--dataset", str(ds), "--out", str(tmp_path / "run"),
+                        "--epochs", "1", "--train-bsize", "32", "--nimg-per-epoch", "2", "--batch-size", "2",
+                        "--min-train-masks", "1", "--threads", "1", "--quiet", "--test-after-training",
+                        "--methods", "xy", "stitch", "--bsize", "32", "--diameter", "14", "--thresholds", "0.5"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "model.pt").is_file()
+    meta = json.loads((tmp_path / "run" / "model.pt.json").read_text())
+    assert meta["variant"] == "3d_slices" and meta["anisotropies"] == [2.0]
+    table = __import__("pandas").read_csv(ds / evol.COMPARISON_FILE)
+    assert sorted(table["method"]) == ["stitch", "xy"] and (table["n_failed"] == 0).all()
+    with pytest.raises(SeglabError, match="--anisotropy: 0 must be > 0"):
+        svol.predict_folder("generalist", ds / "imagesTs", anisotropy=0)
+    assert not (ds / "imagesTs_orthoplane").exists()

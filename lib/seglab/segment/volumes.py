@@ -363,12 +363,12 @@ def predict_folder(model: models.Model | str, images_dir: str | os.PathLike, *, 
     folder, or pass ``overwrite`` to replace them). A volume that fails (unreadable, 2D, 4D without channel) is reported in
     ``prediction_failures.json`` and on ``log``; the others go on.
     """
+    if anisotropy is not None:   # checked before the model loads: a bad param fails at once
+        vdata.check_anisotropy(anisotropy, "--anisotropy")
     if not isinstance(model, models.Model):
         model = models.load(model)
     settings = settings or VolumeSettings()
     mask = mask or MaskSettings()
-    if anisotropy is not None:
-        vdata.check_anisotropy(anisotropy, "--anisotropy")
     images_dir = Path(images_dir)
     found = vdata.index_folder(images_dir, "images")
     if not found:
@@ -395,10 +395,15 @@ def predict_folder(model: models.Model | str, images_dir: str | os.PathLike, *, 
         try:
             vol, voxel = vdata.read_volume(path, channel=channel, anisotropy=anisotropy)
             res = segment_volume(model, vol, voxel.anisotropy, settings, mask, progress=progress, name=case)
-            for axis, lab in res.per_plane.items():
-                if len(settings.axes) > 1:
-                    vdata.write_volume(out / f"{case}_{axis}{vdata.OUT_SUFFIX}", lab, voxel)
-            vdata.write_volume(files[0], res.labels, voxel)   # last: its presence marks the case done
+            try:
+                for axis, lab in res.per_plane.items():
+                    if len(settings.axes) > 1:
+                        vdata.write_volume(out / f"{case}_{axis}{vdata.OUT_SUFFIX}", lab, voxel)
+                vdata.write_volume(files[0], res.labels, voxel)   # last: its presence marks the case done
+            except BaseException:
+                for f in files:   # no per-plane file without its consensus (a full disk, an interrupt)
+                    f.unlink(missing_ok=True)
+                raise
         except SeglabError as exc:
             result.failed[case] = str(exc)
             if log is not None:
