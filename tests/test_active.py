@@ -194,3 +194,50 @@ def test_styles_are_unit_vectors_per_image_and_leave_masks_and_outputs_unchanged
     assert not np.allclose(souts[0]["style"], souts[1]["style"])
     with pytest.raises(SeglabError, match="return_outputs=True"):
         m.segment(imgs[0], mask, return_styles=True)
+
+
+# --------------------------------------------------------------------------- E10's numbers
+
+
+def test_labels_to_target_interpolates_between_rounds():
+    from seglab.experiments import e10_active_learning as e10
+
+    assert e10.labels_to_target([4, 8, 12], [0.5, 0.6, 0.8], 0.7) == pytest.approx(10.0)
+    assert e10.labels_to_target([4, 8], [0.9, 0.95], 0.7) == 4.0
+    assert np.isnan(e10.labels_to_target([4, 8], [0.5, 0.6], 0.7))
+
+
+def test_labels_table_ratios_against_random_per_repeat():
+    from seglab.experiments import e10_active_learning as e10
+
+    rows = []
+    for r in (0, 1):
+        for n, a_rand, a_ent in ((4, 0.5, 0.5), (8, 0.6, 0.8), (12, 0.8, 0.85)):
+            rows += [dict(strategy="random", repeat=r, round=n // 4 - 1, n_labelled=n, test_ap50=a_rand, val_ap50=a_rand),
+                     dict(strategy="entropy", repeat=r, round=n // 4 - 1, n_labelled=n, test_ap50=a_ent, val_ap50=a_ent)]
+    runs = pd.DataFrame(rows)
+    ref = pd.DataFrame({"repeat": [0, 1], "test_ap50": [0.8, 0.8], "val_ap50": [0.8, 0.8]})
+    t = e10.labels_table(runs, ref).set_index("strategy")
+    # target 0.76: random reaches it at 8 + 0.16 / 0.2 * 4 = 11.2 tiles, entropy at 4 + 0.26 / 0.3 * 4
+    assert t.loc["random", "labels"] == pytest.approx(11.2)
+    assert t.loc["entropy", "labels"] == pytest.approx(4 + 0.26 / 0.3 * 4)
+    assert t.loc["entropy", "ratio_vs_random"] == pytest.approx((4 + 0.26 / 0.3 * 4) / 11.2)
+    assert t.loc["entropy", "ratio_sd"] == pytest.approx(0.0) and t.loc["entropy", "n_reached"] == 2
+    assert "entropy" in e10.verdict(t.reset_index())
+    summary = e10.headline(t.reset_index(), ref, runs)
+    assert summary["labels_to_95_ratio_random"] == 1.0 and summary["test_ap50_all_tiles"] == 0.8
+
+
+def test_e10_preflight_refuses_impossible_designs():
+    from seglab.config.params import load_params
+    from seglab.experiments import ParamConflict
+    from seglab.experiments import e10_active_learning as e10
+
+    params = load_params("10_active_learning", "demo")[0]
+    e10.preflight(params, lambda: None)
+    with pytest.raises(ParamConflict, match="pool_tiles.*needs 40"):
+        e10.preflight({**params, "rounds": 9}, lambda: None)
+    with pytest.raises(ParamConflict, match="lacks random"):
+        e10.preflight({**params, "strategies": ["entropy"]}, lambda: None)
+    with pytest.raises(ParamConflict, match="weights"):
+        e10.preflight({**params, "weights": {"entropy": 0}}, lambda: None)
