@@ -137,6 +137,16 @@ answer = e7.answer(comparison)
 run.save_table(answer, "answer.csv")
 answer
 
+# %% [markdown]
+# Why the consensus finds what it finds: the true nuclei each orientation's stack matches at IoU 0.5
+# (from the per-plane files `<case>_xy|xz|yz.tiff`), how many at least one and at least two stacks
+# match, and how many the consensus matches. The consensus can only keep what two stacks agree on.
+
+# %%
+agreement = e7.stack_agreement(datasets)
+run.save_table(agreement, "orthoplane_stack_agreement.csv")
+agreement
+
 # %%
 fig = plots_volumes.plot_method_comparison(comparison, group="anisotropy", methods=list(dict.fromkeys(comparison["method"])),
                                            title="test volumes, pooled: method x anisotropy")

@@ -334,3 +334,21 @@ def test_cli_train_3d_then_test_after_training(tmp_path):
     with pytest.raises(SeglabError, match="--anisotropy: 0 must be > 0"):
         svol.predict_folder("generalist", ds / "imagesTs", anisotropy=0)
     assert not (ds / "imagesTs_orthoplane").exists()
+
+
+def test_stack_agreement_counts_what_two_stacks_agree_on(tmp_path):
+    from seglab.experiments import e7_3d as e7
+
+    ds = tmp_path / "Dataset006_A"
+    t = _planted()
+    vdata.write_case(ds, "test", "c", t.astype(np.float32), t.astype(np.uint16))
+    miss1, miss12 = t.copy(), t.copy()
+    miss1[t == 1] = 0
+    miss12[(t == 1) | (t == 2)] = 0
+    out = ds / "imagesTs_orthoplane"
+    for ax, lab in (("xy", t), ("xz", miss1), ("yz", miss12)):
+        vdata.write_volume(out / f"c_{ax}.tiff", lab.astype(np.uint16))
+    vdata.write_volume(out / "c.tiff", svol.consensus([t, miss1, miss12]))
+    row = e7.stack_agreement({1.0: ds}).iloc[0].to_dict()
+    assert row == {"anisotropy": 1.0, "n_true": 4, "tp_xy": 4, "tp_xz": 3, "tp_yz": 2, "found_by_at_least_1": 4,
+                   "found_by_at_least_2": 3, "tp_consensus": 3}

@@ -177,6 +177,38 @@ def predict_and_evaluate(params: dict, datasets: dict[float, Path], trained: Tra
     return comparison, pd.concat(per_volume, ignore_index=True)
 
 
+def stack_agreement(datasets: dict[float, Path], iou: float = IOU) -> pd.DataFrame:
+    """Why the orthoplane consensus finds what it finds: per anisotropy, over the test volumes, the true
+    nuclei matched (IoU >= ``iou``) by each orientation's stack (``tp_xy``, ``tp_xz``, ``tp_yz``, from the
+    per-plane files), by at least one and at least two stacks, and by the consensus (``tp_consensus``).
+    Datasets without ``imagesTs_orthoplane`` are left out."""
+    from seglab.evaluate import metrics
+
+    rows = []
+    for a, ds in datasets.items():
+        folder = ds / "imagesTs_orthoplane"
+        if not folder.is_dir():
+            continue
+        row = {"anisotropy": a, "n_true": 0, **{f"tp_{ax}": 0 for ax in svol.AXES}, "found_by_at_least_1": 0,
+               "found_by_at_least_2": 0, "tp_consensus": 0}
+        for case in vdata.dataset_cases(ds, "test"):
+            truth = vdata.read_labels(case.labels).astype(np.int64)
+            hits = {}
+            for ax in svol.AXES:
+                stack = vdata.read_labels(folder / f"{case.name}_{ax}{vdata.OUT_SUFFIX}").astype(np.int64)
+                hits[ax] = set(metrics.matched_pairs(truth, stack, iou)["true_id"].tolist())
+                row[f"tp_{ax}"] += len(hits[ax])
+            ids = set(np.unique(truth).tolist()) - {0}
+            votes = {i: sum(i in h for h in hits.values()) for i in ids}
+            cons = vdata.read_labels(folder / f"{case.name}{vdata.OUT_SUFFIX}").astype(np.int64)
+            row["n_true"] += len(ids)
+            row["found_by_at_least_1"] += sum(v >= 1 for v in votes.values())
+            row["found_by_at_least_2"] += sum(v >= 2 for v in votes.values())
+            row["tp_consensus"] += len(metrics.matched_pairs(truth, cons, iou))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def answer(comparison: pd.DataFrame, metric: str = "ap", threshold: float = IOU) -> pd.DataFrame:
     """Per anisotropy, the methods ranked by pooled ``metric`` at ``threshold``: best method, its score,
     the runner-up and the margin (ties go to the faster method)."""

@@ -56,6 +56,7 @@ METHODS = ("orthoplane", "cellpose3d", "stitch")
 AXES = ("xy", "xz", "yz")
 SETTINGS_FILE = "prediction_settings.json"
 FAILURES_FILE = "prediction_failures.json"
+TIMING_DIR = "timing"   # timing/<case>.json: the seconds a case took, one file per case (Slurm tasks write at once)
 
 
 @dataclass(frozen=True)
@@ -338,7 +339,8 @@ def case_outputs(out: Path, case: str, settings: VolumeSettings) -> list[Path]:
 
 @dataclass
 class FolderResult:
-    """What :func:`predict_folder` did: the folder, cases predicted now, skipped (done before), failed."""
+    """What :func:`predict_folder` did: the folder, cases predicted now, skipped (done before), failed, and
+    the seconds each case took (also for skipped cases, from ``timing/<case>.json``)."""
 
     out: Path
     predicted: list = field(default_factory=list)
@@ -391,6 +393,9 @@ def predict_folder(model: models.Model | str, images_dir: str | os.PathLike, *, 
         files = case_outputs(out, case, settings)
         if all(f.is_file() for f in files):
             result.skipped.append(case)
+            timing = _read_json(out / TIMING_DIR / f"{case}.json")
+            if timing is not None:
+                result.seconds[case] = timing.get("seconds")
             continue
         try:
             vol, voxel = vdata.read_volume(path, channel=channel, anisotropy=anisotropy)
@@ -412,6 +417,7 @@ def predict_folder(model: models.Model | str, images_dir: str | os.PathLike, *, 
         failures.pop(case, None)
         result.predicted.append(case)
         result.seconds[case] = round(res.seconds, 3)
+        io.write_json(out / TIMING_DIR / f"{case}.json", {"seconds": result.seconds[case], "shape_zyx": list(vol.shape)})
     failures.update(result.failed)
     if failures:
         io.write_json(out / FAILURES_FILE, failures)
@@ -439,6 +445,7 @@ def _claim(out: Path, record: dict, overwrite: bool = False) -> None:
             if f.is_file() and (f.name.lower().endswith(vdata.TIFF_SUFFIXES) or f.name == FAILURES_FILE):
                 f.unlink()
         shutil.rmtree(out / "evaluation", ignore_errors=True)
+        shutil.rmtree(out / TIMING_DIR, ignore_errors=True)
         (out / SETTINGS_FILE).unlink()
         old = None
     if old is not None and old != new:
