@@ -105,7 +105,7 @@ def cmd_plan(args) -> int:
     if dev_type not in ("cpu", "cuda"):
         raise SeglabError(f"--device {args.device}: use cpu or cuda")
     if args.measure:   # measuring needs the device here; planning for a GPU job does not
-        w = memory.measure_worker(args.model, as_device(args.device), window)
+        w = memory.measure_worker(args.model, as_device(args.device), window, diameter_px=args.diameter_px)
         print(f"measured one worker: {w.host_gb:g} GB host, {w.gpu_gb:g} GB GPU ({w.model}, {w.device}, "
               f"{window} px window) -> {memory.store(w)}")
     w = memory.load_measure(args.model, dev_type, window)
@@ -194,6 +194,7 @@ def add_commands(sub) -> None:
     _common(p, slides=False)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the device the workers use)")
     p.add_argument("--measure", action="store_true", help="measure one worker now (subprocess) and store it")
+    p.add_argument("--diameter-px", type=float, default=None, help="object diameter of the measured tile's mask settings, px")
     p.add_argument("--job-mem-gb", type=float, default=None, help="the job's host memory, GB")
     p.add_argument("--gpus", type=int, default=0, help="GPUs of the job")
     p.set_defaults(func=cmd_plan)

@@ -281,3 +281,13 @@ def read_truth(result_or_dir, name: str | None = None) -> tuple[np.ndarray, pd.D
         lab_path = Path(result_or_dir) / f"{name}.truth.tif"
         cells_path = Path(result_or_dir) / f"{name}.truth.csv"
     return tifffile.imread(lab_path), pd.read_csv(cells_path)
+
+
+def render_region(size_px: int, seed: int = 0, sim: SlideSim | None = None) -> np.ndarray:
+    """A (2, size_px, size_px) uint16 region of tissue full of simulated cells (no file written):
+    what one tile of a slide looks like, e.g. to measure a worker's memory on a realistic tile."""
+    sim = sim or SlideSim()
+    sim = SlideSim(**{**asdict(sim), "tissue_fraction": 1.5})   # tissue everywhere in the region
+    cells = _cells(np.random.default_rng(seed), size_px, size_px, sim)
+    img, _ = _render_strip(cells, 0, size_px, size_px, sim, seed, 0, size_px)
+    return img

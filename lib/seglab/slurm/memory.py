@@ -87,17 +87,21 @@ def load_measure(model: str, device: str, tile_px: int) -> WorkerMemory | None:
                           "seglab plan --measure") from None
 
 
-def measure_worker(model: str, device, tile_px: int, *, channels: int = 2, timeout_s: float = 1800) -> WorkerMemory:
+def measure_worker(model: str, device, tile_px: int, *, channels: int = 2, diameter_px: float | None = None,
+                   timeout_s: float = 1800) -> WorkerMemory:
     """Measure one worker in a fresh subprocess: load ``model`` on ``device`` (a torch.device) and
-    segment one random ``tile_px`` x ``tile_px`` tile; returns (and does not store) the measure."""
+    segment one simulated ``tile_px`` x ``tile_px`` tile (cells of about 20 px; ``diameter_px``: the
+    mask settings' diameter, None the model's default); returns (and does not store) the measure."""
     import torch
 
     if not isinstance(device, torch.device):
         raise SeglabError(f"measure_worker: device must be a torch.device, got {device!r}")
     code = ("import sys, json; from seglab.slurm.memory import _measure_here; "
-            "print(json.dumps(_measure_here(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))")
+            "d = None if sys.argv[5] == 'None' else float(sys.argv[5]); "
+            "print(json.dumps(_measure_here(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), d)))")
     env = {**os.environ, "SEGLAB_ROOT": str(paths.project_root())}
-    proc = subprocess.run([sys.executable, "-c", code, str(model), str(device), str(int(tile_px)), str(channels)],
+    proc = subprocess.run([sys.executable, "-c", code, str(model), str(device), str(int(tile_px)), str(channels),
+                           str(diameter_px)],
                           capture_output=True, text=True, timeout=timeout_s, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -105,7 +109,7 @@ def measure_worker(model: str, device, tile_px: int, *, channels: int = 2, timeo
     return WorkerMemory(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def _measure_here(model: str, device: str, tile_px: int, channels: int) -> dict:
+def _measure_here(model: str, device: str, tile_px: int, channels: int, diameter_px: float | None = None) -> dict:
     """In the measuring subprocess: load, segment one tile, report peaks."""
     import resource
 
@@ -118,9 +122,13 @@ def _measure_here(model: str, device: str, tile_px: int, channels: int) -> dict:
     workers.set_threads(1)
     dev = as_device(device)
     m = load_model(model, dev)
-    rng = np.random.default_rng(0)
-    img = rng.poisson(100, (channels, tile_px, tile_px)).astype(np.float32)
-    m.segment(img)
+    from seglab.config.settings import MaskSettings
+    from seglab.data.simulate_slides import render_region
+
+    # a realistic tile (simulated tissue full of cells): noise alone would make the mask step's
+    # memory unlike a real tile's
+    img = render_region(tile_px, seed=0)[:channels].astype(np.float32)
+    m.segment(img, MaskSettings(diameter_px=diameter_px))
     host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # Linux: kB
     gpu = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else 0.0
     weights = sum(p.numel() * p.element_size() for p in m.net.parameters()) / 1e9 if m.net is not None else 0.0
