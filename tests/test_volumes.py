@@ -352,3 +352,17 @@ def test_stack_agreement_counts_what_two_stacks_agree_on(tmp_path):
     row = e7.stack_agreement({1.0: ds}).iloc[0].to_dict()
     assert row == {"anisotropy": 1.0, "n_true": 4, "tp_xy": 4, "tp_xz": 3, "tp_yz": 2, "found_by_at_least_1": 4,
                    "found_by_at_least_2": 3, "tp_consensus": 3}
+
+
+def test_downsampled_prediction_comes_back_on_the_full_grid(one_thread):
+    from seglab.config.settings import MaskSettings
+    from seglab.segment import models
+
+    image, _ = simulate3d.simulate_volume((8, 32, 32), 1.0, seed=4)
+    model = models.load("generalist")
+    for name in ("xy", "stitch"):
+        res = svol.segment_volume(model, image, 1.0, svol.settings_for(name, downsample=2, bsize=32),
+                                  MaskSettings(diameter_px=14.0))
+        assert res.labels.shape == image.shape and res.labels.dtype == np.uint16
+    with pytest.raises(SeglabError, match="3D methods need a network model"):
+        svol.segment_volume(models.load("classical"), image, 1.0)
