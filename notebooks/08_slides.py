@@ -37,7 +37,7 @@
 # Parameters (papermill replaces this cell; the demo values are the defaults)
 slides_dir = "data/slides/demo"
 n_slides = 4
-slide_px = 2560
+slide_px = 2048
 seed = 0
 model = "generalist"
 cell_diameter_px = 20.0
@@ -116,7 +116,7 @@ print(json.dumps({r.record["slide"]: json.loads((r.out / seg.MERGE_CHECK).read_t
 # ## 4. Counts and densities per slide against the truth
 #
 # The truth is filtered with the same `AreaFilter` as the predictions. `n_sample_scaled` is the
-# sampled pass's count divided by its share of the tissue tiles.
+# sampled pass's count divided by its share of the tissue area (tiles at the tissue's edge hold less).
 
 # %%
 counts = e8.count_table(slides, sample, full, area)

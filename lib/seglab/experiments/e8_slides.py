@@ -203,11 +203,19 @@ def single_window_reference(params: dict, slide: dict, model, area: AreaFilter) 
             "precision": round(float(m["precision"]), 4)}
 
 
+def tissue_mm2(tiles: pd.DataFrame, pixel_size_um: float) -> float:
+    """Tissue area (mm^2) of the selected tiles' cores: core px x tissue fraction (thumbnail)."""
+    sel = tiles[tiles["selected"]]
+    return float(((sel["y1"] - sel["y0"]) * (sel["x1"] - sel["x0"]) * sel["tissue_fraction"]).sum()) \
+        * pixel_size_um ** 2 / 1e6
+
+
 def count_table(slides: Sequence[dict], sample: Sequence[seg.SlideResult], full: Sequence[seg.SlideResult],
                 area: AreaFilter) -> pd.DataFrame:
     """Per slide: true objects (filtered) on all tissue tiles and on the sampled tiles; found by the
-    full pass and by the sampled pass (and the sample scaled up by its share of tissue tiles);
-    densities per mm^2 of the segmented tile cores (truth, full, sample)."""
+    full pass and by the sampled pass, and the sample scaled up by its share of the tissue area
+    (:func:`tissue_mm2`; a tile at the tissue's edge holds less of it); densities per mm^2 of
+    tissue (truth, full, sample)."""
     rows = []
     for s, rs, rf in zip(slides, sample, full):
         p = rf.record["pixel_size_um"]
@@ -216,20 +224,16 @@ def count_table(slides: Sequence[dict], sample: Sequence[seg.SlideResult], full:
         y, x = kept["centroid_y_px"].to_numpy(), kept["centroid_x_px"].to_numpy()
         n_true = int(_in_cores(y, x, rf.tiles).sum())
         n_true_s = int(_in_cores(y, x, rs.tiles).sum())
-
-        def core_mm2(tiles):
-            sel = tiles[tiles["selected"]]
-            return float(((sel["y1"] - sel["y0"]) * (sel["x1"] - sel["x0"])).sum()) * p * p / 1e6
-
-        share = rs.record["n_selected_tiles"] / max(rf.record["n_selected_tiles"], 1)
+        full_mm2, sample_mm2 = tissue_mm2(rf.tiles, p), tissue_mm2(rs.tiles, p)
         rows.append({"slide": rf.record["slide"], "format": rf.record["format"],
                      "n_tissue_tiles": rf.record["n_tissue_tiles"], "n_sample_tiles": rs.record["n_selected_tiles"],
+                     "tissue_mm2": round(full_mm2, 4), "sample_tissue_mm2": round(sample_mm2, 4),
                      "n_true": n_true, "n_full": len(rf.instances), "n_true_sample": n_true_s,
-                     "n_sample": len(rs.instances), "n_sample_scaled": round(len(rs.instances) / share, 1),
+                     "n_sample": len(rs.instances), "n_sample_scaled": round(len(rs.instances) * full_mm2 / sample_mm2, 1),
                      "count_error_full": round(len(rf.instances) / max(n_true, 1) - 1, 4),
-                     "density_true_per_mm2": round(n_true / core_mm2(rf.tiles), 1),
-                     "density_full_per_mm2": round(len(rf.instances) / core_mm2(rf.tiles), 1),
-                     "density_sample_per_mm2": round(len(rs.instances) / core_mm2(rs.tiles), 1)})
+                     "density_true_per_mm2": round(n_true / full_mm2, 1),
+                     "density_full_per_mm2": round(len(rf.instances) / full_mm2, 1),
+                     "density_sample_per_mm2": round(len(rs.instances) / sample_mm2, 1)})
     return pd.DataFrame(rows)
 
 

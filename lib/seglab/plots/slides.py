@@ -104,8 +104,8 @@ def filter_effect(detections: pd.DataFrame, bounds_um2: tuple, bounds_px: tuple,
 
 
 def counts_figure(counts: pd.DataFrame):
-    """Per slide: objects found (sampled pass scaled by its fraction, full pass) against the truth,
-    and density per mm^2 of tissue tiles. ``counts``: slide, n_true, n_full, n_sample_scaled,
+    """Per slide: objects found (sampled pass scaled by its share of the tissue, full pass) against
+    the truth, and density per mm^2 of tissue. ``counts``: slide, n_true, n_full, n_sample_scaled,
     density_true_per_mm2, density_full_per_mm2."""
     check_columns(counts, ["slide", "n_true", "n_full", "n_sample_scaled"], "counts_figure",
                   source="seglab.experiments.e8_slides.count_table")
@@ -115,7 +115,7 @@ def counts_figure(counts: pd.DataFrame):
     w = 0.27
     ax.bar(x - w, counts["n_true"], w, label="truth (filtered)", color="0.3")
     ax.bar(x, counts["n_full"], w, label="full pass", color="tab:blue")
-    ax.bar(x + w, counts["n_sample_scaled"], w, label="10% sample / fraction", color="tab:orange")
+    ax.bar(x + w, counts["n_sample_scaled"], w, label="sample, scaled by tissue area", color="tab:orange")
     ax.set_xticks(x, counts["slide"])
     ax.set_ylabel("objects")
     ax.legend(fontsize=7)
@@ -127,7 +127,7 @@ def counts_figure(counts: pd.DataFrame):
         lo = float(np.nanmin(counts[[c for c in counts if c.startswith("density")]].to_numpy()))
         hi = float(np.nanmax(counts[[c for c in counts if c.startswith("density")]].to_numpy()))
         ax2.plot([lo, hi], [lo, hi], color="0.6", lw=0.8)
-        ax2.set_xlabel("true density (cells / mm$^2$ of segmented tissue tiles)")
+        ax2.set_xlabel("true density (cells / mm$^2$ of tissue)")
         ax2.set_ylabel("found density")
         ax2.legend(fontsize=7)
     return fig

@@ -462,9 +462,17 @@ def predict_slide(path: str | os.PathLike, out_dir: str | os.PathLike, model, se
         slide.close()
 
 
+_WORKER_MODELS: dict = {}   # (spec, device) -> Model, loaded once per worker process
+
+
 def _worker_tiles(path, out_dir, model_spec, settings, mask, device, shard):
-    """One worker of :func:`run_slides`: its share of one slide's tiles (module level: it is pickled)."""
-    predict_slide(path, out_dir, model_spec, settings, mask, device=device, log=None, merge=False, shard=shard)
+    """One worker of :func:`run_slides`: its share of one slide's tiles (module level: it is pickled).
+    The model is loaded once per worker process and kept for the next slides."""
+    key = (str(model_spec), str(device))
+    if key not in _WORKER_MODELS:
+        _WORKER_MODELS[key] = load_model(str(model_spec), device)
+    predict_slide(path, out_dir, _WORKER_MODELS[key], settings, mask, device=device, log=None, merge=False,
+                  shard=shard)
     return shard
 
 
@@ -472,26 +480,23 @@ def run_slides(slide_paths: Sequence[str | os.PathLike], out_dir: str | os.PathL
                settings: SlideSettings, mask: MaskSettings | None = None, *, device=None, workers: int = 1,
                log: Callable | None = print) -> list[SlideResult]:
     """Segment every slide of ``slide_paths`` (:func:`predict_slide`), ``workers`` processes at once
-    over each slide's tiles (each loads the model once; one torch thread each), then merge each slide.
+    over each slide's tiles (one pool for all slides; each worker loads the model once and has one
+    torch thread), then merge each slide in this process.
 
     ``device`` is converted once (:func:`as_device`) and handed to the workers as a torch.device.
     Check the memory plan before calling with several workers (:mod:`seglab.slurm.memory`).
     """
     device = as_device(device)
     mask = mask or MaskSettings()
-    results = []
-    model = None
-    for path in slide_paths:
-        if workers > 1:
-            from seglab.core.workers import worker_pool
+    if workers > 1:
+        from seglab.core.workers import worker_pool
 
-            with worker_pool(workers, 1) as pool:
-                list(pool.map(_worker_tiles, *zip(*[(str(path), str(out_dir), model_spec, settings, mask, device,
-                                                     (i, workers)) for i in range(workers)])))
-        if model is None and workers == 1:
-            model = load_model(model_spec, device)
-        results.append(predict_slide(path, out_dir, model or model_spec, settings, mask, device=device, log=log))
-    return results
+        jobs = [(str(p), str(out_dir), model_spec, settings, mask, device, (i, workers))
+                for p in slide_paths for i in range(workers)]
+        with worker_pool(workers, 1) as pool:
+            list(pool.map(_worker_tiles, *zip(*jobs)))
+    model = load_model(model_spec, device) if workers == 1 else model_spec
+    return [predict_slide(p, out_dir, model, settings, mask, device=device, log=log) for p in slide_paths]
 
 
 def merge_check(folder: Path, table: pd.DataFrame, mrec: dict) -> dict:
