@@ -41,7 +41,7 @@
 # Parameters (papermill replaces this cell; the demo values are the defaults)
 seed = 0
 baseline_model = "generalist"
-pool_tiles = 32
+pool_tiles = 24
 val_tiles = 8
 test_tiles = 12
 tile_px = 96
@@ -52,7 +52,7 @@ rounds = 3
 repeats = 2
 strategies = ["random", "entropy", "margin", "tta", "ensemble", "coreset", "combined"]
 weights = {"entropy": 1.0, "margin": 1.0, "tta_mask": 1.0, "ensemble": 1.0, "coreset": 0.5, "kmeans": 0.3}
-tta_views = 4
+tta_views = 3
 ensemble_size = 2
 aggregation = "region"
 annotation_noise = 0.0

@@ -402,9 +402,13 @@ def select(c: Campaign, *, log: Callable | None = None) -> dict:
     measures = diversity.measures_needed(weights)
     ensemble = [_load(s) for s in chain[-int(cfg["ensemble_size"]):-1]] if "ensemble" in measures else []
     images = [c.image(t) for t in ids]
-    scored = uncertainty.score_pool(model, images, ids, c.mask, measures=measures, tta_views=int(cfg["tta_views"]),
-                                    ensemble=ensemble, how=cfg["aggregation"], boundary_px=int(cfg["boundary_px"]),
-                                    top_k_fraction=float(cfg["top_k_fraction"]))
+    if measures or "coreset" in weights or "kmeans" in weights:
+        scored = uncertainty.score_pool(model, images, ids, c.mask, measures=measures,
+                                        tta_views=int(cfg["tta_views"]), ensemble=ensemble, how=cfg["aggregation"],
+                                        boundary_px=int(cfg["boundary_px"]), top_k_fraction=float(cfg["top_k_fraction"]))
+    else:   # random alone needs no network pass over the pool: only the picked tiles are predicted below
+        scored = uncertainty.Scored(table=pd.DataFrame({"tile_id": ids}), styles=None, masks={},
+                                    seconds={"forward": 0.0, "pixel": 0.0, "tta": 0.0, "ensemble": 0.0})
     lab_feats = None
     if "coreset" in weights:
         lab_ids = c.labelled_ids()
@@ -412,8 +416,11 @@ def select(c: Campaign, *, log: Callable | None = None) -> dict:
         lab_feats = np.stack([o["style"] for o in lab_outs])
     picks = diversity.select_batch(scored.table, scored.styles, lab_feats, weights, int(cfg["batch_size"]),
                                    seed=int(cfg["seed"]) * 1000 + k, source=f"{c.root / CONFIG}: 'weights'")
-    select_s = round(time.monotonic() - t0, 2)
     by_id = dict(zip(ids, images))
+    for t in picks["tile_id"]:
+        if t not in scored.masks:
+            scored.masks[t] = model.segment(by_id[t], c.mask)
+    select_s = round(time.monotonic() - t0, 2)
     sel = {"round": k, "model": chain[-1], "weights": weights, "batch_size": int(cfg["batch_size"]),
            "n_candidates": len(ids), "select_s": select_s, "scoring_s": scored.seconds,
            "selected": list(picks["tile_id"]), "picks": picks.to_dict("records"),
