@@ -29,9 +29,14 @@
 # reused, not recomputed). The area filter is given in um^2 and converted to px by one function
 # (`seglab.core.units`), for predictions and truth alike.
 #
-# **Answer.** See the summary: the stitched slides' AP@0.5 beside that of one window segmented
-# away from any border, the recall of objects within 16 px of a seam beside those far from any,
-# and the number of true objects cut in two or counted twice.
+# **Answer (demo profile: 4 slides of 2048 px, 1024 px tiles, 64 px overlap, tiny CPU net).** No
+# object is cut in two or counted twice: the stitched slides reach AP@0.5 0.995 on 4,328 true cells
+# (10-300 um^2), against 0.985 for one window segmented at a slide's centre, away from any border.
+# Cells within 16 px of a seam are recovered about as well (recall 0.984; the 3 missed have no
+# prediction at all) as those 64 px or more away (0.995). Counts are 0.5% low on average; the 10%
+# sample (one tile per slide), scaled by its share of the tissue area, is within 4% of the truth
+# on every slide. The filter (10-300 um^2 = 82-2,448 px at 0.35 um/px) removes 45-53 debris objects
+# per slide, the same objects in the truth, in segmentation and in export.
 
 # %% tags=["parameters"]
 # Parameters (papermill replaces this cell; the demo values are the defaults)
