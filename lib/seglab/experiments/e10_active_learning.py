@@ -312,8 +312,15 @@ def verdict(table: pd.DataFrame, margin: float = 0.1) -> str:
     if wins.empty:
         return ("no strategy beats random by 10% or more of the labels at this size: see the notebook for why "
                 "(a pool this small and alike leaves little for uncertainty or diversity to find)")
-    return "beat random by at least 10% of the labels: " + ", ".join(
-        f"{r.strategy} ({r.ratio_vs_random:.2f}x)" for r in wins.itertuples())
+    rand = table[table["strategy"] == "random"].iloc[0]
+    thin = [r.strategy for r in wins.itertuples() if not r.ratio_sd >= 0]   # NaN: fewer than 2 repeat ratios
+    caveat = ""
+    if thin:
+        caveat = (f"; but random reached the target in {int(rand.n_reached)} of {int(rand.n_repeats)} repeats and "
+                  f"{', '.join(thin)} have fewer than two per-repeat ratios, so their spread is unknown: "
+                  "a hint, not a claim")
+    return "beat random by at least 10% of the labels on the mean curve: " + ", ".join(
+        f"{r.strategy} ({r.ratio_vs_random:.2f}x)" for r in wins.itertuples()) + caveat
 
 
 def headline(table: pd.DataFrame, ref: pd.DataFrame, runs: pd.DataFrame) -> dict:
