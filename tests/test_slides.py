@@ -216,6 +216,7 @@ def test_rerun_resumes_and_merge_refuses_tiles_of_another_model(written, predict
     pd.testing.assert_frame_equal(again.instances, res.instances)
     check = json.loads((res.out / seg.MERGE_CHECK).read_text())
     assert check["each_tile_once"] and check["n_done"] == res.record["n_selected_tiles"]
+    assert check["n_cut_by_window"] == 0   # the 48 px overlap holds every simulated cell
     tile = res.record["selected_tiles"][0]
     folder = res.out / seg.TILES
     rec = json.loads((folder / f"{tile}.json").read_text())
@@ -285,3 +286,35 @@ def test_submit_slides_checks_the_plan_then_writes_one_array_task_per_slide(writ
     p = subprocess.run(base + ["--workers", "3"], capture_output=True, text=True, cwd=probe_root)
     assert p.returncode == 0, p.stderr
     assert "--array=0-1" in p.stdout and "predict-slide" in p.stdout and "T.ome.tif" in p.stdout
+
+
+def test_each_object_is_kept_once_by_the_tile_whose_core_holds_its_centroid():
+    """A constructed slide segmented perfectly: two tiles (cores x 0-100 and 100-200, 20 px overlap)
+    see the objects near their seam; each object is kept by exactly one tile, with the same
+    geometry-derived id; one wider than the overlap is cut by both windows and both pieces are flagged
+    (``touches_window_edge``): why the overlap must hold the largest object."""
+    yy, xx = np.mgrid[:100, :200]
+    truth = np.zeros((100, 200), np.uint16)
+    for lab, (cy, cx, ry, rx) in enumerate([(30, 96, 7, 7), (60, 104, 7, 7), (80, 150, 5, 5), (15, 40, 5, 5),
+                                            (50, 92, 4, 34)], start=1):
+        truth[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = lab
+    image = np.stack([truth.astype(np.float32), np.ones_like(truth, np.float32)])
+    tiles = seg.tile_grid(100, 200, 100, 20)
+    kept = []
+    for t in tiles:
+        window = truth[t.wy0:t.wy1, t.wx0:t.wx1]
+        table, crop, offset = seg.tile_objects(window, image[:, t.wy0:t.wy1, t.wx0:t.wx1], t, "S", 0.5, ["DAPI", "X"])
+        kept.append(table)
+    both = pd.concat(kept, ignore_index=True)
+    # object 5 (68 px wide) is wider than the 20 px overlap: each window cuts it and each tile keeps
+    # its piece (centroids 92 and ~103); both pieces are flagged, the other four objects never are
+    cut = both[both["touches_window_edge"].astype(bool)]
+    assert len(cut) == 2 and set(cut["tile"]) == {"r000_c000", "r000_c001"}
+    whole_ones = both[~both["touches_window_edge"].astype(bool)]
+    assert len(whole_ones) == 4 and whole_ones["object_id"].is_unique
+    assert sorted(whole_ones.loc[whole_ones["tile"] == "r000_c000", "centroid_x_px"].round()) == [40, 96]
+    assert sorted(whole_ones.loc[whole_ones["tile"] == "r000_c001", "centroid_x_px"].round()) == [104, 150]
+    whole = both[both["centroid_x_px"].round() == 96].iloc[0]
+    assert whole["area_px"] == int((truth == 1).sum()) and whole["area_um2"] == whole["area_px"] * 0.25
+    assert whole["object_id"] == seg.object_id("S", (23, 89, 38, 104), whole["area_px"])
+    assert whole["mean_DAPI"] == 1.0 and whole["seam_distance_px"] == pytest.approx(4.0, abs=0.01)

@@ -542,7 +542,10 @@ def merge_slide(slide, out: Path, tiles: Sequence[Tile], table: pd.DataFrame, th
     inst = det[det["passes_area_filter"].astype(bool)].drop(columns=["passes_area_filter"]).copy()
     inst = inst.sort_values(["centroid_y_px", "centroid_x_px"], kind="stable").reset_index(drop=True)
     inst.insert(1, "label", np.arange(1, len(inst) + 1, dtype=np.int64))
-    check.update(n_objects=int(len(inst)), n_detections=int(len(det)), object_ids_unique=True)
+    # objects cut by their window: the overlap was smaller than they are (raise overlap_px)
+    n_cut = int(det["touches_window_edge"].astype(bool).sum()) if "touches_window_edge" in det else 0
+    check.update(n_objects=int(len(inst)), n_detections=int(len(det)), object_ids_unique=True,
+                 n_cut_by_window=n_cut)
     tmp_labels = write_labels(out, slide, selected, folder, inst)
     from seglab.plots import slides as plots
 
@@ -554,7 +557,8 @@ def merge_slide(slide, out: Path, tiles: Sequence[Tile], table: pd.DataFrame, th
               "n_tiles": len(tiles), "n_tissue_tiles": int(table["tissue"].sum()),
               "n_selected_tiles": int(table["selected"].sum()), "sample_fraction": float(settings.sample_fraction),
               "sample_seed": int(settings.seed), "selected_tiles": selected,
-              "n_detections": int(len(det)), "n_objects": int(len(inst)), "thumb_factor": factor, **mrec}
+              "n_detections": int(len(det)), "n_objects": int(len(inst)), "n_cut_by_window": n_cut,
+              "thumb_factor": factor, **mrec}
 
     def qc(p):
         fig = plots.qc_thumbnail(thumb, factor, table, inst, tmp_labels, title=f"{slide.id}: {len(inst)} objects")
