@@ -4,10 +4,10 @@ forward pass, and the core-set selection time for 15,000 tiles.
 Usage::
 
     .venv/bin/python bench/bench_active.py [--model generalist] [--tiles 12] [--size 96] [--tta-views 4]
-        [--pool 15000] [--dim 256] [--batch 20] [--threads 1]
+        [--pool 15000] [--dim 256] [--batch 20] [--threads 1] [--repeats 2]
 
-Reference (measured in the same run, on the same simulated tiles, right before and after the
-strategies; their mean): one plain pass per tile, ``Model.segment`` with outputs and masks, which is
+Reference (measured in the same run, on the same simulated tiles, right before and after each
+strategy; a strategy's ratio is over the mean of those two, the median over ``--repeats`` rounds): one plain pass per tile, ``Model.segment`` with outputs and masks, which is
 what predicting a tile costs. Each strategy then scores the same tiles through
 :func:`seglab.active.uncertainty.score_pool` (its one pass includes the style vector; pixel measures
 add array work; TTA adds ``tta_views - 1`` passes; the ensemble one pass per other member), and its
@@ -20,6 +20,7 @@ construction, not measured). Core-set: :func:`seglab.active.diversity.select_bat
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="rounds over the strategies (medians reported)")
     args = ap.parse_args()
 
     import numpy as np
@@ -61,22 +63,29 @@ def main() -> None:
             model.segment(x, mask, return_outputs=True)
         return (time.perf_counter() - t0) / len(images)
 
-    ref_before = reference()
     strategies = {"entropy": ["entropy"], "confidence": ["confidence"], "margin": ["margin"],
                   "tta": ["tta_mask", "tta_flow"], "ensemble": ["ensemble"], "coreset (style only)": [],
                   "combined (entropy+margin+tta+ensemble)": ["entropy", "margin", "tta_mask", "ensemble"]}
-    per_tile = {}
-    for name, measures in strategies.items():
-        t0 = time.perf_counter()
-        uncertainty.score_pool(model, images, ids, mask, measures=measures, tta_views=args.tta_views,
-                               ensemble=[other] if "ensemble" in measures else ())
-        per_tile[name] = (time.perf_counter() - t0) / len(images)
-    ref = (ref_before + reference()) / 2
-    print(f"reference: one plain pass (Model.segment with masks) per {args.size} px tile: {ref * 1000:.0f} ms "
-          f"(before {ref_before * 1000:.0f}, model {args.model}, {args.threads} thread(s), {args.tiles} tiles)")
+    per_tile, ratios, refs = {}, {}, []
+    last = reference()
+    for _ in range(args.repeats):
+        for name, measures in strategies.items():
+            t0 = time.perf_counter()
+            uncertainty.score_pool(model, images, ids, mask, measures=measures, tta_views=args.tta_views,
+                                   ensemble=[other] if "ensemble" in measures else ())
+            s = (time.perf_counter() - t0) / len(images)
+            after = reference()   # the reference on either side: a shared machine's load slows both alike
+            per_tile.setdefault(name, []).append(s)
+            ratios.setdefault(name, []).append(s / ((last + after) / 2))
+            refs.append(after)
+            last = after
+    ref = statistics.median(refs)
+    print(f"reference: one plain pass (Model.segment with masks) per {args.size} px tile: median {ref * 1000:.0f} ms "
+          f"(model {args.model}, {args.threads} thread(s), {args.tiles} tiles; measured before and after each "
+          f"strategy, {args.repeats} round(s); ratios: medians of each strategy over the mean of its two references)")
     rows = [{"strategy": "random", "s_per_tile": 0.0, "ratio_vs_one_pass": 0.0}]
-    rows += [{"strategy": k, "s_per_tile": round(v, 4), "ratio_vs_one_pass": round(v / ref, 2)}
-             for k, v in per_tile.items()]
+    rows += [{"strategy": k, "s_per_tile": round(statistics.median(v), 4),
+              "ratio_vs_one_pass": round(statistics.median(ratios[k]), 2)} for k, v in per_tile.items()]
     print(pd.DataFrame(rows).to_string(index=False))
     print(f"(TTA uses {args.tta_views} views: about {args.tta_views} passes; the ensemble 2 members: about 2)")
 
@@ -93,7 +102,7 @@ def main() -> None:
     both_s = time.perf_counter() - t0
     print(f"core-set selection of {args.batch} among {args.pool - 50} tiles ({args.dim}-wide styles, 50 labelled): "
           f"{core_s:.2f} s; with k-means (k={args.batch}, n_init 4): {both_s:.2f} s")
-    print(f"RESULT active_tta_cost_vs_one_pass {per_tile['tta'] / ref:.2f} x")
+    print(f"RESULT active_tta_cost_vs_one_pass {statistics.median(ratios['tta']):.2f} x")
     print(f"RESULT active_coreset_select_{args.pool}_tiles {core_s:.2f} s")
 
 
