@@ -123,13 +123,8 @@ def correlate(
     markers: Sequence[str] | None = None,
     family="all",
     min_donors: int = MIN_DONORS,
-    seed: int = 0,
 ) -> pd.DataFrame:
     """Spearman per (marker x feature x outcome) with BH over the family.
-
-    p: exact permutation p up to 9 donors and for |rho| = 1, above that a
-    Monte Carlo permutation p drawn from ``seed`` (the same p for the same
-    data and seed on every run); see :mod:`seglab.downstream.stats`.
 
     Returns
     -------
@@ -148,7 +143,7 @@ def correlate(
     cube, present, zero = _feature_cube(cohort, markers, features)
     vy = np.isfinite(Y)
     for a, mk in enumerate(markers):
-        rho, n, p = spearman_grid(cube[a], Y, pvalues=True, seed=seed)  # (F, K): every feature x outcome of this marker
+        rho, n, p = spearman_grid(cube[a], Y, pvalues=True)  # (F, K): every feature x outcome of this marker
         p[n < min_donors] = np.nan  # not a test: out of the BH family, never significant
         for j, ft in enumerate(features):
             x = cube[a, j]
@@ -278,11 +273,8 @@ def bootstrap_replicates(
 ):
     """rho and q of every test in every resample (vectorised; see the module notes).
 
-    p-values as in :func:`correlate` with the same ``seed`` (exact up to 9
-    donors, Monte Carlo permutation above, both from null samples cached per
-    tie pattern; above 9 donors the resampled feature is taken as untied in
-    the null, so every resample shares one null per outcome pattern instead
-    of drawing its own), NaN below ``min_donors`` donors.
+    p-values as in :func:`correlate` (exact up to 9 donors, from tables cached
+    per tie pattern), NaN below ``min_donors`` donors.
 
     Returns
     -------
@@ -320,7 +312,7 @@ def bootstrap_replicates(
                 draws.setdefault(mt.marker, (mt.tile_ids, []))[1].append(idx)
             fx = _donor_feature_rows(mt, idx, D, features)
             for j, f in enumerate(features):
-                r, nn, pp = spearman_grid(fx[f], Y, pvalues=True, seed=seed, untie_x_null=True)
+                r, nn, pp = spearman_grid(fx[f], Y, pvalues=True)
                 sl = slice(col + j * K, col + (j + 1) * K)
                 rho[b0:b1, sl] = r
                 p[b0:b1, sl] = pp
@@ -450,7 +442,7 @@ def analyse(
             f"no donor is in both the tiles and the clinical table (tiles: {cohort.missing_in_clinical[:5]}..., "
             f"clinical: {cohort.missing_in_tiles[:5]}...); check donor_col={donor_col!r} and the id format"
         )
-    corr = correlate(cohort, features=features, family=family, min_donors=min_donors, seed=seed)
+    corr = correlate(cohort, features=features, family=family, min_donors=min_donors)
     if B:
         tests, rho, q = bootstrap_replicates(
             tiles, cohort, features=features, positive_col=positive_col, B=B, seed=seed, family=family,

@@ -101,8 +101,7 @@ def null_calibration(
     Each cohort is :func:`synthetic_tile_table` (seed ``seed + i``); the tests
     of markers with effect 0 are the null tests (a list of markers: every test
     is null). Every cohort is analysed with the library's p-values (exact up
-    to 9 donors, Monte Carlo permutation above, drawn from seed ``seed + i``
-    so the cohorts do not share their null draws), with scipy's t approximation everywhere (what the library
+    to 9 donors), with scipy's t approximation everywhere (what the library
     did before) and with each of ``methods`` (name -> function of the
     :class:`~seglab.downstream.cohort.Cohort` and ``correlate``'s table giving
     one p per row), each BH over all tests at ``alpha``.
@@ -124,7 +123,7 @@ def null_calibration(
         tiles, clin = synthetic_tile_table(n_donors, tiles_per_donor, eff, outcomes, seed=seed + i,
                                            cells_per_tile=cells_per_tile, ordinal_levels=ordinal_levels)
         cohort = join_clinical(donor_features(tiles), clin, outcomes)
-        res = correlate(cohort, min_donors=MIN_DONORS if min_donors is None else min_donors, seed=seed + i)
+        res = correlate(cohort, min_donors=MIN_DONORS if min_donors is None else min_donors)
         null = res["marker"].isin(null_markers).to_numpy()
         p = res["p"].to_numpy()
         row = {"cohort": i, "n_tests": int(np.isfinite(p).sum()), "min_p": float(np.nanmin(p, initial=np.inf)),
