@@ -139,9 +139,9 @@ def test_includes_resolve_to_the_expanded_specs(repo_root, tmp_path):
 
 # Keys still declared identically in several notebooks' schemas, not (yet) in a block: torch_threads
 # has default 1 in 01, 03, 04 and null in 02, 06 (and its help differs), n_jobs' help differs in 01;
-# one block would change a default, so they wait for a decision. learning_rate and weight_decay are
-# (and cellprob_threshold) declared as in _shared by 07_3d and 10_active_learning, which fine-tune but take none of _shared's
-# cohort keys: they belong in a training block that _shared includes (load_schema does not nest
+# one block would change a default, so they wait for a decision. learning_rate, weight_decay and
+# cellprob_threshold are declared as in _shared by 07_3d and 10_active_learning, which fine-tune but
+# take none of _shared's cohort keys: they belong in a training block that _shared includes (load_schema does not nest
 # includes yet). Remove a key here once it is in a block.
 KNOWN_COPIES = {"torch_threads", "n_jobs", "learning_rate", "weight_decay", "cellprob_threshold"}
 
