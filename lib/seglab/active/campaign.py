@@ -84,7 +84,8 @@ def _write_tiff(path: Path, arr: np.ndarray) -> None:
     tifffile.imwrite(path, arr)
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def read_array(path: Path) -> np.ndarray:
+    """A campaign TIFF (image (C, Y, X) or label mask (Y, X)) as an array, without tifffile's log lines."""
     from seglab.data.manifest import read_tiff
 
     with io.quiet_tiff_log():
@@ -143,7 +144,7 @@ class Campaign:
         return sorted(p.stem for p in (self.root / "pool").glob("*.tif"))
 
     def image(self, tile_id: str) -> np.ndarray:
-        return _read_tiff(self.root / "pool" / f"{tile_id}.tif")
+        return read_array(self.root / "pool" / f"{tile_id}.tif")
 
     @property
     def mask(self) -> MaskSettings:
@@ -194,7 +195,7 @@ class Campaign:
         for k in self.rounds():
             f = self.round_dir(k) / "labels" / f"{tile_id}.tif"
             if f.is_file() and self.labelled(k):
-                return _read_tiff(f)
+                return read_array(f)
         raise SeglabError(f"tile {tile_id} has no ingested mask in {self.root}")
 
     def unlabelled_ids(self) -> list[str]:
@@ -216,8 +217,8 @@ class Campaign:
 
     def validation(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         ids = sorted(p.stem for p in (self.root / "val" / "images").glob("*.tif"))
-        return ([_read_tiff(self.root / "val" / "images" / f"{t}.tif") for t in ids],
-                [_read_tiff(self.root / "val" / "labels" / f"{t}.tif") for t in ids])
+        return ([read_array(self.root / "val" / "images" / f"{t}.tif") for t in ids],
+                [read_array(self.root / "val" / "labels" / f"{t}.tif") for t in ids])
 
 
 def _config(params: Mapping) -> dict:
@@ -485,7 +486,7 @@ def ingest(c: Campaign, masks: Mapping[str, np.ndarray | str | Path], *, log: Ca
     checked = {}
     for t in selected:
         v = masks[t]
-        arr = _read_tiff(Path(v)) if isinstance(v, (str, Path)) else np.asarray(v)
+        arr = read_array(Path(v)) if isinstance(v, (str, Path)) else np.asarray(v)
         checked[t] = check_mask(arr, c.image(t).shape[1:], where[t])
     io.write_set(c.round_dir(k) / "labels", {f"{t}.tif": (lambda p, m=m: _write_tiff(p, m))
                                              for t, m in checked.items()}, name=LABELS_SET)

@@ -23,7 +23,7 @@ def _threads(n) -> None:
 
 
 def _folder_tiffs(folder: str, what: str) -> dict:
-    from seglab.active.campaign import _read_tiff
+    from seglab.active.campaign import read_array
 
     d = Path(folder)
     if not d.is_dir():
@@ -31,7 +31,7 @@ def _folder_tiffs(folder: str, what: str) -> dict:
     files = sorted(f for f in d.iterdir() if f.suffix.lower() in (".tif", ".tiff") and not f.name.startswith("."))
     if not files:
         raise SeglabError(f"{what} {d}: no .tif files (one <tile_id>.tif per tile)")
-    return {f.stem: _read_tiff(f) for f in files}
+    return {f.stem: read_array(f) for f in files}
 
 
 def cmd_init(args) -> int:

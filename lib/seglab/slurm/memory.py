@@ -96,9 +96,9 @@ def measure_worker(model: str, device, tile_px: int, *, channels: int = 2, diame
 
     if not isinstance(device, torch.device):
         raise SeglabError(f"measure_worker: device must be a torch.device, got {device!r}")
-    code = ("import sys, json; from seglab.slurm.memory import _measure_here; "
+    code = ("import sys, json; from seglab.slurm.memory import measure_here; "
             "d = None if sys.argv[5] == 'None' else float(sys.argv[5]); "
-            "print(json.dumps(_measure_here(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), d)))")
+            "print(json.dumps(measure_here(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), d)))")
     env = {**os.environ, "SEGLAB_ROOT": str(paths.project_root())}
     proc = subprocess.run([sys.executable, "-c", code, str(model), str(device), str(int(tile_px)), str(channels),
                            str(diameter_px)],
@@ -109,7 +109,7 @@ def measure_worker(model: str, device, tile_px: int, *, channels: int = 2, diame
     return WorkerMemory(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def _measure_here(model: str, device: str, tile_px: int, channels: int, diameter_px: float | None = None) -> dict:
+def measure_here(model: str, device: str, tile_px: int, channels: int, diameter_px: float | None = None) -> dict:
     """In the measuring subprocess: load, segment one tile, report peaks."""
     import resource
 
