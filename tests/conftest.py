@@ -79,6 +79,18 @@ def probe_root(tmp_path, monkeypatch) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def one_thread_subprocesses(request, monkeypatch):
+    """Every fast test and the commands it starts use one CPU thread: the smoke chain runs beside the
+    suite on one core (Cellpose-SAM's E1, minutes), and a test's subprocess with torch's default of
+    two threads on a 2-core machine oversubscribes it (the chain's E1 went from 276 s to 512 s when
+    the 3D and slide tests' commands ran beside it). The slow demo chain keeps its own settings."""
+    if request.node.get_closest_marker("slow") is None:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            monkeypatch.setenv(name, "1")
+    yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for the module: tiny nets on a shared 2-core machine run several times
