@@ -36,8 +36,8 @@ import numpy as np
 
 from seglab import SeglabError
 from seglab.core import io
+from seglab.data.manifest import TIFF_SUFFIXES
 
-TIFF_SUFFIXES = (".tif", ".tiff")
 OUT_SUFFIX = ".tiff"
 CHANNEL_SUFFIX_RE = re.compile(r"_(\d{4})$")   # nnU-Net's channel suffix, _0000 for the first channel
 SPLITS = {"train": ("imagesTr", "instancesTr"), "test": ("imagesTs", "instancesTs")}
