@@ -8,7 +8,9 @@ filter's upper end) and some are small debris (its lower end).
 
 :func:`simulate_slide` writes ``<out>/<slide>.czi`` or ``.ome.tif`` and, unless
 ``write_truth=False``, ``<slide>.truth.tif`` (uint32 labels, tiled) and ``<slide>.truth.csv``
-(one row per cell: label, centroid_y_px, centroid_x_px, area_px, kind, positive). The image is
+(one row per cell: label, centroid_y_px, centroid_x_px, area_px, kind, positive). ``kind``:
+cell, large, debris (tiny: the area filter's lower end) and, with ``artefact_fraction`` > 0,
+planted artefacts a person would reject (fragment, blob; :data:`ARTEFACT_KINDS`). The image is
 rendered strip by strip into a disk-backed array, so memory stays far below the slide's size.
 """
 
@@ -46,6 +48,9 @@ class SlideSim:
     min_gap : two centres are at least min_gap x the sum of their long semi-axes apart (< 1: some touch).
     dim_fraction : fraction of dim (out-of-plane) cells, at 0.35 of the brightness.
     background, signal : camera counts of the background and of a nucleus (before noise).
+    artefact_fraction : fraction of the ordinary cells replaced by planted artefacts (E9): half
+        fragments (radius ``fragment_radius_px`` px, elongated, ``fragment_brightness`` x a nucleus),
+        half out-of-focus blobs (radius ``blob_radius_px`` px, soft-edged, ``blob_brightness``).
     """
 
     pixel_size_um: float = 0.35
@@ -62,6 +67,35 @@ class SlideSim:
     dim_fraction: float = 0.1
     background: float = 100.0
     signal: float = 900.0
+    # planted artefacts a person would reject (E9 curation); 0 = none, and then the slide is the same
+    # as before these fields existed (no extra random draws, the same cache marker)
+    artefact_fraction: float = 0.0
+    fragment_radius_px: float = 6.0
+    fragment_brightness: float = 1.8
+    blob_radius_px: float = 12.0
+    blob_brightness: float = 0.3
+
+
+# kinds of the truth table: real cells (what a person answers "yes" to) and the rest
+REAL_CELL_KINDS = ("cell", "large")
+ARTEFACT_KINDS = ("fragment", "blob")
+_ARTEFACT_FIELDS = ("artefact_fraction", "fragment_radius_px", "fragment_brightness", "blob_radius_px",
+                    "blob_brightness")
+
+
+def is_real_cell(kind) -> np.ndarray:
+    """Boolean per truth ``kind``: a real cell (cell, large), not debris or a planted artefact."""
+    return np.isin(np.asarray(kind, dtype=object), REAL_CELL_KINDS)
+
+
+def _sim_record(sim: SlideSim) -> dict:
+    """The simulation's fields as the cache marker records them: without the artefact fields when
+    there are no artefacts, so the slides written before they existed are still found."""
+    d = asdict(sim)
+    if not sim.artefact_fraction:
+        for k in _ARTEFACT_FIELDS:
+            d.pop(k)
+    return d
 
 
 def _cells(rng: np.random.Generator, height: int, width: int, sim: SlideSim) -> pd.DataFrame:
@@ -82,6 +116,24 @@ def _cells(rng: np.random.Generator, height: int, width: int, sim: SlideSim) -> 
     angle = rng.uniform(0, math.pi, n)
     positive = rng.uniform(0, 1, n) < sim.positive_fraction
     brightness = np.exp(rng.normal(0, 0.25, n)) * np.where(rng.uniform(0, 1, n) < sim.dim_fraction, 0.35, 1.0)
+    if sim.artefact_fraction > 0:
+        # planted artefacts, drawn after everything else so the cells' draws stay those of a slide without:
+        # fragments (small, bright, elongated, no marker) and out-of-focus blobs (dim, larger, soft-edged);
+        # their sizes and brightness overlap the real cells' partly (small cells, dim cells)
+        art = (kind == "cell") & (rng.uniform(0, 1, n) < sim.artefact_fraction)
+        frag = art & (rng.uniform(0, 1, n) < 0.5)
+        blob = art & ~frag
+        rf = sim.fragment_radius_px * np.exp(rng.normal(0, 0.15, n))
+        ef = rng.uniform(0.25, 0.8, n)
+        rb = sim.blob_radius_px * np.exp(rng.normal(0, 0.15, n))
+        eb = rng.uniform(0.1, 0.5, n)
+        bf = sim.fragment_brightness * np.exp(rng.normal(0, 0.25, n))
+        bb = sim.blob_brightness * np.exp(rng.normal(0, 0.3, n))
+        kind = np.where(frag, "fragment", np.where(blob, "blob", kind))
+        a = np.where(frag, rf * (1 + ef), np.where(blob, rb * (1 + eb), a))
+        b = np.where(frag, rf / (1 + ef), np.where(blob, rb / (1 + eb), b))
+        brightness = np.where(frag, bf, np.where(blob, bb, brightness))
+        positive = positive & ~art
     # reject crowding: a cell keeps its place when no kept cell's centre lies within min_gap x (a1 + a2) px
     cell = 2 * sim.large_radius_px * 1.3 + 2
     grid: dict = {}
@@ -136,7 +188,10 @@ def _render_strip(cells: pd.DataFrame, y0: int, y1: int, width: int, sim: SlideS
         rho = np.sqrt((u / c.a) ** 2 + (v / c.b) ** 2)
         inside = rho < 1.0
         sl = (slice(r0 - ya, r1 - ya), slice(c0, c1))
-        dapi[sl] += inside * c.brightness
+        if c.kind == "blob":   # out of focus: a soft edge instead of the nucleus' sharp one
+            dapi[sl] += np.clip((1.25 - rho) / 0.5, 0, 1) * c.brightness
+        else:
+            dapi[sl] += inside * c.brightness
         labels[sl][inside] = c.label
         if c.positive:
             ring[sl] += ((rho >= 1.0) & (rho < 1.2)) * 0.8 * c.brightness
@@ -178,7 +233,7 @@ def simulate_slide(out_dir: str | os.PathLike, name: str, *, size_px: int | tupl
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}{FORMATS[fmt]}"
-    record = {"name": name, "size_px": [h, w], "fmt": fmt, "seed": int(seed), "sim": asdict(sim),
+    record = {"name": name, "size_px": [h, w], "fmt": fmt, "seed": int(seed), "sim": _sim_record(sim),
               "write_truth": write_truth, "write_pixel_size": write_pixel_size, "version": 1}
     marker = out_dir / f"{name}.sim.json"
     result = {"path": path, "truth_labels": out_dir / f"{name}.truth.tif" if write_truth else None,
