@@ -52,6 +52,20 @@ def mask_settings(args):
     return MaskSettings.from_params(shared_params(args.profile), **given)
 
 
+def add_classifier_options(p, *, pixel_size: bool = False) -> None:
+    """--classifier, --classifier-threshold, --allow-failed-gate (and --pixel-size-um for tiles)."""
+    p.add_argument("--classifier", default=None,
+                   help="curation classifier (.skops, seglab classifier train): each object gets classifier_confidence "
+                        "and kept; refused unless it passed its validation gate")
+    p.add_argument("--classifier-threshold", type=float, default=0.5,
+                   help="keep objects whose classifier confidence is at least this (fraction, default 0.5)")
+    p.add_argument("--allow-failed-gate", action="store_true",
+                   help="filter with a classifier that did NOT pass its validation gate (an explicit override)")
+    if pixel_size:
+        p.add_argument("--pixel-size-um", type=float, default=None,
+                       help="um per px of the tiles, for the classifier's um features (default: its training pixel size)")
+
+
 def cmd_predict(args) -> int:
     """Exit 0 when every tile of the shard has a mask; ``predict.EXIT_TILES_FAILED`` (3) when
     ``--keep-going`` skipped unreadable tiles (listed in the table with status ``failed``)."""
@@ -64,8 +78,14 @@ def cmd_predict(args) -> int:
     print(f"[seglab] mask settings ({args.profile} profile + flags): {mask.as_dict()}", file=sys.stderr)
     df = predict.predict(args.model, args.tiles, args.out, mask, shard=args.shard, batch_tiles=args.batch_tiles, batch_size=args.batch_size,
                          save_network_outputs=args.save_outputs, progress=not args.quiet,
-                         gpu=False if args.cpu else None, overwrite=args.overwrite, keep_going=args.keep_going)
+                         gpu=False if args.cpu else None, overwrite=args.overwrite, keep_going=args.keep_going,
+                         classifier=args.classifier, classifier_threshold=args.classifier_threshold,
+                         pixel_size_um=args.pixel_size_um, allow_failed_gate=args.allow_failed_gate)
     done = df.attrs
+    if args.classifier:
+        print(f"[seglab] classifier {args.classifier} (threshold {args.classifier_threshold}): "
+              f"{done['n_objects_before']} objects before, {done['n_objects_after']} kept; tables "
+              f"{args.out}/{predict.OBJECTS_DIR}/<tile>.csv (masks unchanged)")
     table = f"{args.out}/{predict.table_name(args.shard)}"
     print(f"[seglab] {len(df)} tiles in shard {args.shard or '0/1'}: {done['n_segmented']} segmented, "
           f"{done['n_reused']} already complete" + (f", {done['n_failed']} failed" if done["n_failed"] else "")
@@ -132,6 +152,7 @@ def add_commands(sub) -> None:
     p.add_argument("--cpu", action="store_true", help="do not use a GPU even if there is one")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_classifier_options(p, pixel_size=True)
     p.set_defaults(func=cmd_predict)
 
     from seglab.segment.train import GeneralistRecipe

@@ -87,11 +87,15 @@ def cmd_predict_slide(args) -> int:
     mask = MaskSettings(diameter_px=args.diameter_px, flow_threshold=args.flow_threshold,
                         cellprob_threshold=args.cellprob_threshold)
     pool.set_threads(args.threads)
-    results = run_slides(slides, args.out, args.model, settings, mask, device=device, workers=args.workers)
+    results = run_slides(slides, args.out, args.model, settings, mask, device=device, workers=args.workers,
+                         classifier=args.classifier, classifier_threshold=args.classifier_threshold,
+                         allow_failed_gate=args.allow_failed_gate)
     for r in results:
         rec = r.record
+        filt = (f", classifier kept {rec['n_objects_after_classifier']} of {rec['n_objects_before_classifier']}"
+                if "classifier" in rec else "")
         print(f"{rec['slide']}: {rec['n_objects']} objects ({rec['n_detections']} detected, filter "
-              f"{rec['area_filter']}) on {rec['n_selected_tiles']} of {rec['n_tissue_tiles']} tissue tiles "
+              f"{rec['area_filter']}{filt}) on {rec['n_selected_tiles']} of {rec['n_tissue_tiles']} tissue tiles "
               f"-> {r.out}")
     return 0
 
@@ -188,6 +192,9 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     p.add_argument("--job-mem-gb", type=float, default=None, help="the job's memory, GB ($SLURM_MEM_PER_NODE inside Slurm)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs of the job (default: 1 on cuda, else 0)")
+    from seglab.cli.models import add_classifier_options
+
+    add_classifier_options(p)
     p.set_defaults(func=cmd_predict_slide)
 
     p = sub.add_parser("plan", help="memory plan: measure a worker once, then how many fit a job (refuses what does not)")

@@ -36,6 +36,12 @@ Outputs (in ``--out``)
     absent, so the shards of a Slurm array writing into one folder at once agree on it or
     are refused. ``.predict.lock`` serialises those claims (flock, where the file system
     has it).
+``objects/<tile>.csv`` (with a curation classifier, ``classifier=``)
+    one row per object of the tile's mask: :func:`seglab.curate.features.object_features`
+    (object_id from the tile id and the object's geometry, morphology in um, intensities) with
+    ``classifier_confidence`` (probability of a real cell) and ``kept`` (confidence >=
+    ``classifier_threshold``). The masks stay the raw ones; ``predict.json`` records the
+    classifier's sha256 and the threshold, so a folder filtered by another classifier is refused.
 ``outputs/<tile>.npz`` (with ``dynamics.save_outputs``)
     the network outputs: ``dP`` (2, Y, X) float32 flows, ``cellprob`` (Y, X)
     float32 logits, ``niter``. :func:`dynamics.masks_from_outputs` rebuilds masks from
@@ -99,7 +105,9 @@ MARKER_CHANNELS = ("c1", "c2")   # the first present is the marker
 RECORD_FILE = "predict.json"
 # bump when the record's keys or what a mask means for the same record change
 RECORD_FORMAT = 1
-RECORD_KEYS = ("format", "model_id", "settings", "tiles_dir")   # what must agree to resume
+# what must agree to resume; "classifier" is absent (None) in a folder filtered by none
+RECORD_KEYS = ("format", "model_id", "settings", "tiles_dir", "classifier")
+OBJECTS_DIR = "objects"
 LOCK_FILE = ".predict.lock"
 
 EXIT_TILES_FAILED = 3   # seglab predict --keep-going skipped at least one tile
@@ -369,6 +377,10 @@ def _describe(rec: dict | None, other: dict) -> str:
         parts.append("settings " + ", ".join(diff))
     if rec.get("tiles_dir") != other.get("tiles_dir"):
         parts.append(f"tiles {rec.get('tiles_dir')}")
+    if rec.get("classifier") != other.get("classifier"):
+        c = rec.get("classifier")
+        parts.append("no classifier" if not c else
+                     f"classifier {str(c.get('sha256'))[:12]} at threshold {c.get('threshold')}")
     if rec.get("format") != other.get("format"):
         parts.append(f"format {rec.get('format')}")
     return ", ".join(parts)
@@ -392,7 +404,7 @@ def _clear_predictions(out: Path, old: dict | None, tile_ids: Sequence[str]) -> 
         with contextlib.suppress(SeglabError, OSError):
             ids |= {t.tile_id for t in discover_tiles(old["tiles_dir"])}
     for tid in ids:
-        for f in (out / f"{tid}.tif", out / "outputs" / f"{tid}.npz"):
+        for f in (out / f"{tid}.tif", out / "outputs" / f"{tid}.npz", out / OBJECTS_DIR / f"{tid}.csv"):
             f.unlink(missing_ok=True)
     io.clean_temps(out, [f"{t}.tif" for t in ids] + [t.name for t in tables])
     for f in [*tables, out / MERGED_TABLE, out / CHECK_FILE]:
@@ -467,7 +479,9 @@ def _out_folder(out_dir, tiles_dir) -> Path:
 def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | None = None, *, shard=None,
             batch_tiles: int = 8, batch_size: int | None = None, save_network_outputs: bool = False,
             progress: bool = True, gpu: bool | None = None, overwrite: bool = False,
-            keep_going: bool = False, pipeline: bool = True, mask_device: str | None = None) -> pd.DataFrame:
+            keep_going: bool = False, pipeline: bool = True, mask_device: str | None = None,
+            classifier=None, classifier_threshold: float = 0.5, pixel_size_um: float | None = None,
+            allow_failed_gate: bool = False) -> pd.DataFrame:
     """Segment the tiles of one shard into ``out_dir``; returns the per-tile table.
 
     Parameters
@@ -492,12 +506,18 @@ def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | 
         the masks. The masks are the same.
     mask_device : torch device of the pipeline's mask dynamics (``"cpu"``, ``"cuda"``); None:
         the model's, as cellpose's eval does (the masks then equal ``Model.segment``'s).
+    classifier : a curation classifier (path or :class:`seglab.curate.store.Classifier`; one that
+        failed its gate is refused unless ``allow_failed_gate``): ``objects/<tile>.csv`` per tile
+        with ``classifier_confidence`` and ``kept`` (>= ``classifier_threshold``, a fraction).
+        ``pixel_size_um``: um per px of the tiles (default: the classifier's training pixel size).
+        None: no objects tables, the folder is what it was without this option.
 
     Returns
     -------
     DataFrame with columns :data:`ALL_COLUMNS`, one row per tile of the shard. ``attrs`` holds
     this call's work: ``n_segmented``, ``n_reused`` (complete before), ``n_failed`` and
-    ``failed`` ({tile: reason}).
+    ``failed`` ({tile: reason}); with a classifier also ``n_objects_before`` and
+    ``n_objects_after`` (objects of the shard's tiles before / after the filter).
     """
     mask = MaskSettings() if mask is None else mask
     i, n = parse_shard(shard)
@@ -507,8 +527,20 @@ def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | 
         model = models.load(model, gpu=gpu)
     device = _mask_device(model, mask_device)
     mid = models.model_id(model)
-    claim_folder(out, folder_record(mid, mask, tiles_dir, getattr(model, "spec", None)),
-                 tile_ids=[t.tile_id for t in all_tiles], overwrite=overwrite)
+    record = folder_record(mid, mask, tiles_dir, getattr(model, "spec", None))
+    clf = None
+    if classifier is not None:
+        from seglab.curate import apply as curate_apply
+        from seglab.curate.store import as_classifier
+
+        clf = as_classifier(classifier, allow_failed_gate=allow_failed_gate)
+        pixel_size_um = pixel_size_um if pixel_size_um is not None else clf.sidecar.get("pixel_size_um")
+        if pixel_size_um is None:
+            raise SeglabError(f"{clf.path}: records no pixel size; give the tiles' pixel_size_um (--pixel-size-um)")
+        record["classifier"] = curate_apply.record(clf, classifier_threshold)
+        record["classifier_path"] = str(Path(clf.path).resolve())
+        record["pixel_size_um"] = float(pixel_size_um)
+    claim_folder(out, record, tile_ids=[t.tile_id for t in all_tiles], overwrite=overwrite)
     tiles = shard_slice(all_tiles, (i, n))
     table_path = out / table_name((i, n))
     io.clean_temps(out, [f"{t.tile_id}.tif" for t in tiles] + [table_path.name])
@@ -538,7 +570,44 @@ def predict(model: models.Model | str, tiles_dir, out_dir, mask: MaskSettings | 
     df = flush()
     df.attrs.update(n_segmented=int(len(df) - n_reused - len(failed)), n_reused=n_reused,
                     n_failed=len(failed), failed=dict(failed))
+    if clf is not None:
+        before, after = write_objects(out, [t for t in tiles if t.tile_id not in failed], clf,
+                                      classifier_threshold, float(pixel_size_um))
+        df.attrs.update(n_objects_before=before, n_objects_after=after)
     return df
+
+
+def write_objects(out: Path, tiles: Sequence[Tile], clf, threshold: float, pixel_size_um: float) -> tuple[int, int]:
+    """``objects/<tile>.csv`` of each tile with a complete mask (resumable: a complete table is kept):
+    features, ``classifier_confidence`` and ``kept``. Returns the objects before and after the filter
+    (px of the masks are never changed)."""
+    import tifffile
+
+    from seglab.curate import apply as curate_apply
+    from seglab.curate.features import object_features
+
+    folder = out / OBJECTS_DIR
+    folder.mkdir(exist_ok=True)
+    io.clean_temps(folder, [f"{t.tile_id}.csv" for t in tiles])
+    before = after = 0
+    names = list(clf.sidecar.get("channels") or [])
+    for t in tiles:
+        path = folder / f"{t.tile_id}.csv"
+        mpath = out / f"{t.tile_id}.tif"
+        if not mask_complete(mpath):
+            continue
+        if path.is_file():
+            tab = pd.read_csv(path)
+        else:
+            image = t.load()
+            labels = tifffile.imread(mpath).astype(np.int64)
+            ch = names[:image.shape[0]] + [f"c{k}" for k in range(len(names), image.shape[0])]
+            feats = object_features(labels, image, pixel_size_um, ch, t.tile_id)
+            tab = curate_apply.apply(clf, feats, threshold)
+            io.write_table(path, tab.assign(tile=t.tile_id))
+        before += len(tab)
+        after += int(tab[curate_apply.KEPT].astype(bool).sum())
+    return before, after
 
 
 def _progress_bar(total: int, done: int, desc: str):

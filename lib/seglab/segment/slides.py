@@ -22,7 +22,10 @@
    (``merge_check.json``); the um^2 area filter (:class:`seglab.core.units.AreaFilter`, the one
    conversion); the instance table ``instances.csv`` (object_id, label, centroid px and um,
    area_px, area_um2, mean intensity per channel, tile, ...); every detection with its filter
-   verdict (``detections.csv``); the label image as OME-Zarr (``labels.ome.zarr``, chunked);
+   verdict (``detections.csv``); with a curation classifier (``classifier=``, :mod:`seglab.curate`)
+   its ``classifier_confidence`` per object and ``kept`` (confidence >= ``classifier_threshold``):
+   ``instances.csv`` holds the objects kept by both filters, ``detections.csv`` every one with both
+   verdicts, ``run.json`` the counts before and after the classifier; the label image as OME-Zarr (``labels.ome.zarr``, chunked);
    the QC thumbnail with outlines (``qc.png``); ``run.json``.
 
 Object ids are stable: ``<slide>-<10 hex>`` from the slide id and the object's geometry (its
@@ -415,7 +418,8 @@ def plan_slide(slide, settings: SlideSettings, out: Path | None = None) -> tuple
 def predict_slide(path: str | os.PathLike, out_dir: str | os.PathLike, model, settings: SlideSettings,
                   mask: MaskSettings | None = None, *, device=None, log: Callable | None = print,
                   batch_size: int | None = None, merge: bool = True,
-                  shard: tuple[int, int] | None = None) -> SlideResult | None:
+                  shard: tuple[int, int] | None = None, classifier=None, classifier_threshold: float = 0.5,
+                  allow_failed_gate: bool = False) -> SlideResult | None:
     """Segment one slide into ``out_dir/<slide id>/`` (see the module docstring); resumable per tile.
 
     Parameters
@@ -426,6 +430,12 @@ def predict_slide(path: str | os.PathLike, out_dir: str | os.PathLike, model, se
     device : torch.device (or a string, converted once by :func:`as_device`); used when ``model`` is a spec.
     merge : False segments the tiles only (a worker of a parallel run); :func:`merge_slide` later.
     shard : (i, n): segment only every n-th of the tiles still to do, from the i-th (worker i of n).
+    classifier : a curation classifier (path or :class:`seglab.curate.store.Classifier`; refused when
+        it did not pass its gate unless ``allow_failed_gate``) whose confidence is computed per object
+        at tile time (:func:`seglab.curate.features.object_features` of the object's px); objects below
+        ``classifier_threshold`` (a fraction) are dropped from ``instances.csv``. Its sha256 and the
+        threshold are recorded with every tile: a folder filtered by another classifier (or none) is
+        refused. None: no filter, the outputs are those of a run without this option.
 
     Returns the :class:`SlideResult` (None without ``merge``).
     """
@@ -444,12 +454,22 @@ def predict_slide(path: str | os.PathLike, out_dir: str | os.PathLike, model, se
                 f"{int(table['selected'].sum())} selected (sample_fraction {settings.sample_fraction}), "
                 f"{len(todo)} to segment")
         mrec = {"model": str(getattr(model, "spec", model)), "mask": mask.as_dict()}
+        clf = None
+        if classifier is not None:
+            from seglab.curate import apply as curate_apply
+            from seglab.curate.store import as_classifier
+
+            clf = as_classifier(classifier, allow_failed_gate=allow_failed_gate)
+            mrec["classifier"] = curate_apply.record(clf, classifier_threshold)
+        check_classifier(folder, [t.id for t, sel in zip(tiles, table["selected"]) if sel], mrec.get("classifier"))
         if todo and isinstance(model, (str, os.PathLike)):
             model = load_model(str(model), as_device(device))
         for i, t in enumerate(todo):
             t0 = time.monotonic()
             image, labels = segment_tile(model, slide, t, mask, batch_size=batch_size)
             objs, crop, offset = tile_objects(labels, image, t, slide.id, slide.pixel_size_um, slide.names)
+            if clf is not None:
+                objs = classifier_confidence(clf, objs, crop, offset, image, t, slide)
             write_tile(folder, t, objs, crop, offset,
                        {"tile": t.id, **mrec, "n_objects": int(len(objs)), "seconds": round(time.monotonic() - t0, 3),
                         "host": socket.gethostname(), "pid": os.getpid(), "finished": time.time()})
@@ -462,41 +482,87 @@ def predict_slide(path: str | os.PathLike, out_dir: str | os.PathLike, model, se
         slide.close()
 
 
+def classifier_confidence(clf, objs: pd.DataFrame, crop: np.ndarray, offset: tuple[int, int], image: np.ndarray,
+                          tile: Tile, slide) -> pd.DataFrame:
+    """``objs`` (a tile's kept objects, :func:`tile_objects`) with ``classifier_confidence``: the
+    classifier's probability of "yes" from :func:`seglab.curate.features.object_features` of each
+    object's px in ``crop`` (local ids, at ``offset`` in slide px) and the window ``image``."""
+    from seglab.curate import apply as curate_apply
+    from seglab.curate.features import object_features
+
+    if not len(objs):
+        return objs.assign(**{curate_apply.CONFIDENCE: pd.Series(dtype=float)})
+    oy, ox = int(offset[0]) - tile.wy0, int(offset[1]) - tile.wx0
+    sub = image[:, oy:oy + crop.shape[0], ox:ox + crop.shape[1]]
+    feats = object_features(crop.astype(np.int64), sub, slide.pixel_size_um, slide.names, slide.id, offset=offset)
+    conf = dict(zip(feats["object_id"], curate_apply.confidences(clf, feats)))
+    return objs.assign(**{curate_apply.CONFIDENCE: objs["object_id"].map(conf).to_numpy(float)})
+
+
+def check_classifier(folder: Path, tile_ids: Sequence[str], crec: dict | None) -> None:
+    """Refuse (before any work) a slide folder whose done tiles were filtered by another classifier,
+    another threshold, or none / one when this run asks for one / none (``crec``: the run's
+    :func:`seglab.curate.apply.record`)."""
+    def name(r):
+        return "no classifier" if not r else f"classifier {str(r.get('sha256'))[:12]} at threshold {r.get('threshold')}"
+
+    for t in tile_ids:
+        f = folder / f"{t}.json"
+        if not _tile_done(folder, t) or not f.is_file():
+            continue
+        rec = json.loads(f.read_text())
+        if rec.get("classifier") != crec:
+            raise SeglabError(f"{folder}: tile {t} was made with {name(rec.get('classifier'))}, this run asks for "
+                              f"{name(crec)}; one folder holds one filter: delete {folder.parent} (or use another "
+                              "--out) and rerun")
+
+
 _WORKER_MODELS: dict = {}   # (spec, device) -> Model, loaded once per worker process
 
 
-def _worker_tiles(path, out_dir, model_spec, settings, mask, device, shard):
+def _worker_tiles(path, out_dir, model_spec, settings, mask, device, shard, classifier=None, classifier_threshold=0.5):
     """One worker of :func:`run_slides`: its share of one slide's tiles (module level: it is pickled).
-    The model is loaded once per worker process and kept for the next slides."""
+    The model is loaded once per worker process and kept for the next slides. ``classifier``: the
+    path of one the caller loaded and checked against its gate."""
     key = (str(model_spec), str(device))
     if key not in _WORKER_MODELS:
         _WORKER_MODELS[key] = load_model(str(model_spec), device)
     predict_slide(path, out_dir, _WORKER_MODELS[key], settings, mask, device=device, log=None, merge=False,
-                  shard=shard)
+                  shard=shard, classifier=classifier, classifier_threshold=classifier_threshold,
+                  allow_failed_gate=True)
     return shard
 
 
 def run_slides(slide_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, model_spec: str,
                settings: SlideSettings, mask: MaskSettings | None = None, *, device=None, workers: int = 1,
-               log: Callable | None = print) -> list[SlideResult]:
+               log: Callable | None = print, classifier=None, classifier_threshold: float = 0.5,
+               allow_failed_gate: bool = False) -> list[SlideResult]:
     """Segment every slide of ``slide_paths`` (:func:`predict_slide`), ``workers`` processes at once
     over each slide's tiles (one pool for all slides; each worker loads the model once and has one
     torch thread), then merge each slide in this process.
 
     ``device`` is converted once (:func:`as_device`) and handed to the workers as a torch.device.
     Check the memory plan before calling with several workers (:mod:`seglab.slurm.memory`).
+    ``classifier`` (path or loaded): the curation filter of :func:`predict_slide`, loaded and checked
+    against its gate here, once, before any work.
     """
     device = as_device(device)
     mask = mask or MaskSettings()
+    if classifier is not None:
+        from seglab.curate.store import as_classifier
+
+        classifier = as_classifier(classifier, allow_failed_gate=allow_failed_gate)
     if workers > 1:
         from seglab.core.workers import worker_pool
 
-        jobs = [(str(p), str(out_dir), model_spec, settings, mask, device, (i, workers))
+        cpath = None if classifier is None else str(classifier.path)
+        jobs = [(str(p), str(out_dir), model_spec, settings, mask, device, (i, workers), cpath, classifier_threshold)
                 for p in slide_paths for i in range(workers)]
         with worker_pool(workers, 1) as pool:
             list(pool.map(_worker_tiles, *zip(*jobs)))
     model = load_model(model_spec, device) if workers == 1 else model_spec
-    return [predict_slide(p, out_dir, model, settings, mask, device=device, log=log) for p in slide_paths]
+    return [predict_slide(p, out_dir, model, settings, mask, device=device, log=log, classifier=classifier,
+                          classifier_threshold=classifier_threshold, allow_failed_gate=True) for p in slide_paths]
 
 
 def merge_check(folder: Path, table: pd.DataFrame, mrec: dict) -> dict:
@@ -516,6 +582,8 @@ def merge_check(folder: Path, table: pd.DataFrame, mrec: dict) -> dict:
             other.append(f"{t} (its record names tile {rec.get('tile')})")
         elif rec.get("model") != mrec["model"] or rec.get("mask") != mrec["mask"]:
             other.append(f"{t} (model {rec.get('model')}, mask {rec.get('mask')})")
+        elif rec.get("classifier") != mrec.get("classifier"):
+            other.append(f"{t} (classifier {rec.get('classifier')})")
     if other:
         raise SeglabError(f"{folder}: tile(s) made by another model or other mask settings than this run's "
                           f"({mrec['model']}): {'; '.join(other[:3])}; delete {folder} (or use another --out) and rerun")
@@ -539,7 +607,14 @@ def merge_slide(slide, out: Path, tiles: Sequence[Tile], table: pd.DataFrame, th
         raise SeglabError(f"{out}: object ids counted twice across tiles ({dup[:3]}); the tiles' outputs disagree: "
                           f"delete {folder} and rerun")
     det["passes_area_filter"] = settings.area.keep(det["area_px"].to_numpy(), slide.pixel_size_um) if len(det) else []
-    inst = det[det["passes_area_filter"].astype(bool)].drop(columns=["passes_area_filter"]).copy()
+    n_area = int(det["passes_area_filter"].astype(bool).sum()) if len(det) else 0
+    crec = mrec.get("classifier")
+    if crec is not None:   # the curation filter: kept when the classifier's confidence reaches the threshold
+        det["kept"] = det["classifier_confidence"].to_numpy(float) >= float(crec["threshold"]) if len(det) else []
+        inst = det[det["passes_area_filter"].astype(bool) & det["kept"].astype(bool)]
+        inst = inst.drop(columns=["passes_area_filter"]).copy()
+    else:
+        inst = det[det["passes_area_filter"].astype(bool)].drop(columns=["passes_area_filter"]).copy()
     inst = inst.sort_values(["centroid_y_px", "centroid_x_px"], kind="stable").reset_index(drop=True)
     inst.insert(1, "label", np.arange(1, len(inst) + 1, dtype=np.int64))
     # objects cut by their window: the overlap was smaller than they are (raise overlap_px)
@@ -559,6 +634,8 @@ def merge_slide(slide, out: Path, tiles: Sequence[Tile], table: pd.DataFrame, th
               "sample_seed": int(settings.seed), "selected_tiles": selected,
               "n_detections": int(len(det)), "n_objects": int(len(inst)), "n_cut_by_window": n_cut,
               "thumb_factor": factor, **mrec}
+    if crec is not None:
+        record.update(n_objects_before_classifier=n_area, n_objects_after_classifier=int(len(inst)))
 
     def qc(p):
         fig = plots.qc_thumbnail(thumb, factor, table, inst, tmp_labels, title=f"{slide.id}: {len(inst)} objects")
