@@ -56,6 +56,7 @@ COMMAND_MODULES = [
     "seglab.cli.slides",
     "seglab.cli.volumes",
     "seglab.cli.active",
+    "seglab.cli.curate",
     "seglab.cli.classify",
 ]
 
