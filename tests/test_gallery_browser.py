@@ -159,6 +159,13 @@ def test_annotate_page_reload_export_import_offline(browser, gallery_dir, tmp_pa
     assert focused() == ids[0]
     body.send_keys("u")
     assert progress() == "3 / 12 answered (yes 1, no 1, unsure 1)"
+    # up and down move by a row: two cards a row in a narrow window
+    driver.set_window_size(420, 900)
+    body.send_keys(Keys.ARROW_DOWN)
+    assert focused() == ids[3]
+    body.send_keys(Keys.ARROW_UP)
+    assert focused() == ids[1]
+    driver.set_window_size(1200, 900)
     assert [c.get_attribute("data-answer") for c in cards()] == ["unsure", "no", "yes", "", ""]
     # page keys: PageDown and ] forward, [ back
     body.send_keys(Keys.PAGE_DOWN)
@@ -201,6 +208,20 @@ def test_annotate_page_reload_export_import_offline(browser, gallery_dir, tmp_pa
     assert box.text == ("foreign.json: answers made under area filter 10-inf um^2, but this gallery uses 0-inf um^2. "
                         "Open the gallery these answers were made on.")
     assert progress() == "5 / 12 answered (yes 1, no 3, unsure 1)"
+    # sort by confidence (0.1 to 0.85 in each tile; ties in export order) and filter by area (um^2)
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, "sort")).select_by_value("conf-desc")
+    assert [c.get_attribute("data-id") for c in cards()] == [ids[5], ids[11], ids[4], ids[10], ids[3]]
+    Select(driver.find_element(By.ID, "sort")).select_by_value("area-asc")
+    area_min = driver.find_element(By.ID, "area-min")
+    area_min.send_keys("40", Keys.TAB)      # 160 px and more at 0.5 um/px
+    assert [c.get_attribute("data-id") for c in cards()] == [ids[5], ids[3], ids[11]]
+    assert driver.find_element(By.ID, "pageinfo").text == "page 1 of 1 (3 shown of 12)"
+    Select(driver.find_element(By.ID, "show")).select_by_value("no")
+    area_min.clear()
+    area_min.send_keys(Keys.TAB)
+    assert sorted(c.get_attribute("data-id") for c in cards()) == sorted([ids[1], ids[5], ids[7]])
     # nothing left the machine: every request was for a file (crops, script, styles) or the Blob
     urls = requested_urls(driver)
     assert urls and all(u.startswith(("file:", "data:", "blob:")) for u in urls), [
