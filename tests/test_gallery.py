@@ -456,3 +456,18 @@ def test_cli_gallery_then_answers_check_and_merge(tile_run, tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{")
     assert main(["answers", "check", str(tmp_path / "bad.json"), "--gallery", str(g)]) == 1
     assert "bad.json: malformed JSON" in capsys.readouterr().err
+
+
+def test_chunk_cache_reads_the_same_regions_as_read_labels(slide_run):
+    import numpy as np
+
+    from seglab.curate.gallery import ChunkCache
+    from seglab.segment import slides as seg
+
+    root, res = slide_run
+    out = root / "run" / "T"
+    cache = ChunkCache(out / seg.LABELS, keep=2)
+    cache.chunks = (100, 150)    # small chunks so that regions straddle several (reads slice the 1024 px ones)
+    for y, x, h, w in [(0, 0, 512, 768), (90, 140, 30, 40), (250, 700, 262, 68), (10, 10, 1, 1)]:
+        assert np.array_equal(cache.read(y, x, h, w), seg.read_labels(out, (slice(y, y + h), slice(x, x + w))))
+    assert len(cache.cache) == 2

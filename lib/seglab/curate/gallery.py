@@ -151,8 +151,7 @@ def slide_sources(folder: str | os.PathLike, *, features: bool = True) -> tuple[
         def read_image(y, x, h, w, _s=slide):
             return _s.read(y, x, h, w)
 
-        def read_labels(y, x, h, w, _o=out):
-            return seg.read_labels(_o, (slice(y, y + h), slice(x, x + w)))
+        read_labels = ChunkCache(out / seg.LABELS).read
 
         sources.append(Source(rec["slide"], inst, read_image, read_labels, shape, slide.close))
     return sources, made
@@ -216,6 +215,44 @@ def tile_sources(predict_dir: str | os.PathLike, tiles_dir: str | os.PathLike, p
     return sources, {"segmentation_id": ans.segmentation_id(rec.get("model_id"), rec.get("settings") or {}),
                      "pixel_size_um": p, "channels": names, "run_area": AreaFilter(), "paths": [str(pred)],
                      "tiles_without_mask": missing}
+
+
+class ChunkCache:
+    """Regions of a slide's label image (``labels.ome.zarr``, array ``0``) read through its decoded
+    chunks, the last ``keep`` of them kept: the cards' crops of neighbouring objects (instances are
+    in centroid order) share chunks, so each chunk is decompressed about once instead of once per
+    card (measured: 10 ms of 12 ms per card went to opening and decoding)."""
+
+    def __init__(self, path: str | os.PathLike, keep: int = 16):
+        import zarr
+
+        self.arr = zarr.open_group(str(path), mode="r")["0"]
+        self.chunks = tuple(int(c) for c in self.arr.chunks)
+        self.keep = int(keep)
+        self.cache: dict = {}
+
+    def _chunk(self, i: int, j: int) -> np.ndarray:
+        if (i, j) in self.cache:
+            self.cache[(i, j)] = self.cache.pop((i, j))   # most recent last
+        else:
+            cy, cx = self.chunks
+            self.cache[(i, j)] = np.asarray(self.arr[i * cy:(i + 1) * cy, j * cx:(j + 1) * cx])
+            if len(self.cache) > self.keep:
+                self.cache.pop(next(iter(self.cache)))
+        return self.cache[(i, j)]
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """The (h, w) region at (y, x) px (inside the image)."""
+        cy, cx = self.chunks
+        out = np.zeros((h, w), self.arr.dtype)
+        for i in range(y // cy, (y + h - 1) // cy + 1):
+            for j in range(x // cx, (x + w - 1) // cx + 1):
+                b = self._chunk(i, j)
+                y0, y1 = max(y, i * cy), min(y + h, i * cy + b.shape[0])
+                x0, x1 = max(x, j * cx), min(x + w, j * cx + b.shape[1])
+                if y1 > y0 and x1 > x0:
+                    out[y0 - y:y1 - y, x0 - x:x1 - x] = b[y0 - i * cy:y1 - i * cy, x0 - j * cx:x1 - j * cx]
+        return out
 
 
 # --------------------------------------------------------------------------- crops
