@@ -471,3 +471,21 @@ def test_chunk_cache_reads_the_same_regions_as_read_labels(slide_run):
     for y, x, h, w in [(0, 0, 512, 768), (90, 140, 30, 40), (250, 700, 262, 68), (10, 10, 1, 1)]:
         assert np.array_equal(cache.read(y, x, h, w), seg.read_labels(out, (slice(y, y + h), slice(x, x + w))))
     assert len(cache.cache) == 2
+
+
+def test_cli_gallery_of_a_study_folder_of_slide_runs(slide_run, tmp_path, capsys):
+    from seglab.cli import main
+
+    root, res = slide_run
+    # the study's folder (holding the slide's folder T/), the run's upper bound kept
+    assert main(["gallery", "--slide-run", str(root / "run"), "--out", str(tmp_path / "g"), "--no-features",
+                 "--area-min-um2", "40", "--sample", "5", "--seed", "2", "--per-page", "2"]) == 0
+    rec = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    assert rec["area_filter"] == {"min_um2": 40.0, "max_um2": 400.0} and rec["sources"] == ["T"]
+    assert rec["counts"]["n_objects"] == 5 and rec["n_pages"] == 3 and rec["sample"] == {"n": 5, "seed": 2}
+    assert set(o["object_id"] for o in rec["objects"]) <= set(res.instances["object_id"])
+    assert "left out by the sample" in capsys.readouterr().out
+    assert main(["gallery", "--slide-run", str(root / "run"), "--predict", str(root), "--out", str(tmp_path / "x")]) == 1
+    assert "give either --slide-run" in capsys.readouterr().err
+    assert main(["gallery", "--slide-run", str(tmp_path), "--out", str(tmp_path / "y")]) == 1
+    assert "no slide output here" in capsys.readouterr().err
