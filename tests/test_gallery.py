@@ -489,3 +489,28 @@ def test_cli_gallery_of_a_study_folder_of_slide_runs(slide_run, tmp_path, capsys
     assert "give either --slide-run" in capsys.readouterr().err
     assert main(["gallery", "--slide-run", str(tmp_path), "--out", str(tmp_path / "y")]) == 1
     assert "no slide output here" in capsys.readouterr().err
+
+
+def test_slides_of_two_segmentations_are_refused_naming_both(slide_run, tmp_path):
+    import shutil
+
+    from seglab.config.settings import MaskSettings
+    from seglab.core.units import AreaFilter
+    from seglab.curate import gallery
+    from seglab.data import simulate_slides as sim
+    from seglab.segment import slides as seg
+
+    root, res = slide_run
+    study = tmp_path / "study"
+    shutil.copytree(root / "run" / "T", study / "T")
+    w = sim.simulate_slide(tmp_path / "in", "U", size_px=(256, 256), fmt="ome-tiff", seed=4)
+
+    class Other(Threshold):
+        spec = "threshold-other"
+
+    st = seg.SlideSettings(tile_px=256, overlap_px=48, area=AreaFilter(5.0, 400.0))
+    seg.predict_slide(w["path"], study, Other(), st, MaskSettings(diameter_px=20.0), log=None)
+    with pytest.raises(SeglabError, match=r"U has segmentation 'threshold-other\|mask:[0-9a-f]{12}' but "
+                                          r".*T has 'threshold-600\|mask:[0-9a-f]{12}'"):
+        gallery.gallery_from_slide_run(study, tmp_path / "g", features=False, log=None)
+    assert not (tmp_path / "g").exists()

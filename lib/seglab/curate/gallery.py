@@ -118,11 +118,20 @@ def slide_sources(folder: str | os.PathLike, *, features: bool = True) -> tuple[
 
     Refuses slides made by different segmentations, at different pixel sizes or with different
     area filters (one export, one identity). ``features``: join :func:`seglab.curate.features.slide_features`."""
+    sources: list[Source] = []
+    try:
+        return _slide_sources(folder, features, sources)
+    except BaseException:
+        for s in sources:   # a later slide refused: close the ones opened
+            s.close()
+        raise
+
+
+def _slide_sources(folder, features: bool, sources: list) -> tuple[list[Source], dict]:
     from seglab.data import slides as slides_io
     from seglab.segment import slides as seg
 
     made = None
-    sources = []
     for out in _slide_folders(Path(folder)):
         rec = json.loads((out / seg.RUN_RECORD).read_text())
         this = {"segmentation_id": ans.segmentation_id(rec["model"], rec["mask"]),
@@ -371,9 +380,17 @@ def export_gallery(sources: Sequence[Source], made: dict, out: str | os.PathLike
     overwrite : replace an earlier export in ``out`` (another folder content is never replaced).
 
     The folder is written in a temporary folder beside ``out`` and renamed into place. Returns
-    the gallery record (what ``gallery.json`` holds).
+    the gallery record (what ``gallery.json`` holds). The sources are closed on return or refusal.
     """
-    out = Path(out)
+    try:
+        return _export(sources, made, Path(out), area=area, cell_type=cell_type, per_page=per_page, sample=sample,
+                       seed=seed, crop_px=crop_px, overwrite=overwrite, kind=kind, log=log)
+    finally:
+        for s in sources:
+            s.close()
+
+
+def _export(sources, made, out: Path, *, area, cell_type, per_page, sample, seed, crop_px, overwrite, kind, log) -> dict:
     p = float(made["pixel_size_um"])
     run_area = made.get("run_area") or AreaFilter()
     area = area or run_area
@@ -491,9 +508,6 @@ def export_gallery(sources: Sequence[Source], made: dict, out: str | os.PathLike
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    finally:
-        for s in sources:
-            s.close()
     if log:
         c = record["counts"]
         log(f"[seglab] gallery {out}: {c['n_objects']} objects on {record['n_pages']} page(s) of {per_page}; "
