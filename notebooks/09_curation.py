@@ -33,18 +33,27 @@
 # stored with skops and loaded back with the trusted-types check (`seglab.curate.store`), then
 # filters every detection (`seglab.curate.apply`). The truth is used only to score.
 #
-# **Answer.** Filled in from the demo run (see docs/curation.md).
+# **Answer (demo profile: 4 slides of 1280 px, 30% of the ordinary cells replaced by artefacts, 600
+# answers with 5% wrong and 3% unsure, tiny CPU net).** The segmenter finds the artefacts: 41% more
+# objects than real cells. The gate (accuracy >= 0.75, recall and precision of "yes" >= 0.70,
+# cross-validated by slide) passes from 50 answers on every draw of the learning curve (20 and 30
+# answers mostly cannot be cross-validated: fewer than 10 "no"); on all 583 sure answers:
+# accuracy 0.918, recall 0.946, precision 0.937 (the annotator's 5% errors cap it). On the 1,051
+# detections nobody answered, the filter raises the share of real cells from 0.70 to 0.98 and
+# keeps 97% of them; counts go from +41% to -2% of the true cells (-1% to -6% per slide). Here the
+# artefacts are easy to tell apart (brightness and shape); real curation rounds are harder, which
+# is what the learning curve is for.
 
 # %% tags=["parameters"]
 # Parameters (papermill replaces this cell; the demo values are the defaults)
 slides_dir = "data/slides/curation_demo"
 n_slides = 4
-slide_px = 1536
+slide_px = 1280
 seed = 0
 artefact_fraction = 0.3
 model = "generalist"
 cell_diameter_px = 20.0
-tile_px = 1024
+tile_px = 1280
 overlap_px = 64
 min_tissue_fraction = 0.05
 channels = ["DAPI", "CD45"]
@@ -58,7 +67,7 @@ annotator_error_rate = 0.05
 annotator_unsure_rate = 0.03
 morphology_only = False
 n_estimators = 100
-curve_sizes = [25, 50, 100, 200, 400]
+curve_sizes = [20, 30, 50, 100, 200, 400]
 curve_repeats = 3
 min_accuracy = 0.75
 min_recall = 0.70

@@ -28,6 +28,8 @@ def learning_curve_figure(curve: pd.DataFrame, thresholds: dict, n_needed: int |
         ax.annotate(f"gate passes from {n_needed} answers", (n_needed, 0.05), fontsize=7, xytext=(4, 0),
                     textcoords="offset points")
     ax.set_xscale("log")
+    ax.set_xticks(list(mean.index), [str(int(n)) for n in mean.index])
+    ax.minorticks_off()
     ax.set_xlabel("answers (yes / no)")
     ax.set_ylabel("cross-validated metric (fraction)")
     ax.set_ylim(0, 1.02)
