@@ -70,10 +70,10 @@ class SlideSim:
     # planted artefacts a person would reject (E9 curation); 0 = none, and then the slide is the same
     # as before these fields existed (no extra random draws, the same cache marker)
     artefact_fraction: float = 0.0
-    fragment_radius_px: float = 7.0
-    fragment_brightness: float = 1.5
-    blob_radius_px: float = 11.0
-    blob_brightness: float = 0.38
+    fragment_radius_px: float = 7.5
+    fragment_brightness: float = 1.3
+    blob_radius_px: float = 10.0
+    blob_brightness: float = 0.45
 
 
 # kinds of the truth table: real cells (what a person answers "yes" to) and the rest
