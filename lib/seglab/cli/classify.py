@@ -47,7 +47,13 @@ def cmd_train(args) -> int:
     if not fpath.is_file():
         raise SeglabError(f"{fpath}: no features table; make one with seglab classifier features SLIDE_OUT --out {fpath}")
     features = pd.read_csv(fpath, sep="\t" if fpath.suffix == ".tsv" else ",")
-    answers = pd.concat([load_answers(a, args.gallery) for a in args.answers], ignore_index=True)
+    galleries = list(args.gallery)
+    if len(galleries) == 1:
+        galleries = galleries * len(args.answers)
+    if len(galleries) != len(args.answers):
+        raise SeglabError(f"--gallery: {len(args.gallery)} galleries for {len(args.answers)} answers files; give one "
+                          "gallery for all of them, or one per answers file in the same order")
+    answers = pd.concat([load_answers(a, g) for a, g in zip(args.answers, galleries)], ignore_index=True)
     source = ", ".join(str(a) for a in args.answers)
     table = training_table(features, answers, source=source)
     a = table.attrs
@@ -107,7 +113,9 @@ def add_commands(sub) -> None:
                       epilog="exit codes: 0 saved and passed the gate; 1 bad input, or saved but FAILED the gate")
     q.add_argument("--features", required=True, help="features table (seglab classifier features)")
     q.add_argument("--answers", required=True, nargs="+", help="answers files (seglab-answers/1) of one cell type")
-    q.add_argument("--gallery", required=True, help="the gallery export (folder or gallery.json) the answers were made on")
+    q.add_argument("--gallery", required=True, nargs="+",
+                   help="the gallery export (folder or gallery.json) the answers were made on: one for all answers "
+                        "files, or one per answers file in the same order (e.g. one export per slide)")
     q.add_argument("--out", required=True, help="classifier file, .skops (its sidecar .skops.json beside it)")
     q.add_argument("--cell-type", default="cell", help="cell type when the answers do not say")
     q.add_argument("--channels", default=None, help="channel names of the intensity features, comma-separated "

@@ -153,6 +153,13 @@ def cmd_submit_slides(args) -> int:
                     ("--diameter-px", args.diameter_px), ("--gpu-mem-gb", args.gpu_mem_gb)):
         if v is not None:
             base += [flag, str(v)]
+    if args.classifier:   # checked here (trusted types, gate) before anything is submitted
+        from seglab.curate.store import load
+
+        clf = load(args.classifier, allow_failed_gate=args.allow_failed_gate)
+        base += ["--classifier", str(clf.path.resolve()), "--classifier-threshold", str(args.classifier_threshold)]
+        if args.allow_failed_gate:
+            base.append("--allow-failed-gate")
     tasks = [{"id": i, "args": [str(p)], "label": p.name} for i, p in enumerate(slides)]
     job = Job(name="predict-slides", kind="slides", title=f"predict-slide {args.model} on {len(slides)} slide(s)",
               command=base, resources=res, tasks=tasks, task_ids=[t["id"] for t in tasks],
@@ -219,4 +226,5 @@ def add_commands(sub) -> None:
     p.add_argument("--diameter-px", type=float, default=None)
     p.add_argument("--cluster", default=None, help="cluster settings (default slurm/cluster.yaml)")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    add_classifier_options(p)
     p.set_defaults(func=cmd_submit_slides)
