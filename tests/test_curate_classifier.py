@@ -321,3 +321,82 @@ def test_tile_predict_writes_objects_with_confidence_and_refuses_another_classif
         predict.predict(slide["model"], tiles, tmp_path / "out", mask, progress=False, classifier=classifiers["b"])
     with pytest.raises(SeglabError, match="no classifier"):
         predict.predict(slide["model"], tiles, tmp_path / "out", mask, progress=False)
+
+
+# --------------------------------------------------------------------------- simulation, annotator, command line
+
+
+def test_artefacts_are_off_by_default_and_planted_when_asked(tmp_path):
+    from seglab.data import simulate_slides as sim
+
+    plain = sim.simulate_slide(tmp_path / "a", "P", size_px=384, seed=2, write_truth=True)
+    marker = json.loads((tmp_path / "a" / "P.sim.json").read_text())
+    assert "artefact_fraction" not in marker["sim"]           # the cache marker of slides made before
+    kinds = set(pd.read_csv(plain["truth_cells"])["kind"])
+    assert not kinds & set(sim.ARTEFACT_KINDS)
+    art = sim.simulate_slide(tmp_path / "b", "P", size_px=384, seed=2, sim=sim.SlideSim(artefact_fraction=0.5))
+    truth = pd.read_csv(art["truth_cells"])
+    assert set(sim.ARTEFACT_KINDS) <= set(truth["kind"])
+    assert list(sim.is_real_cell(["cell", "large", "debris", "fragment", "blob"])) == [True, True, False, False, False]
+    # fragments are smaller than blobs; no artefact has a marker ring
+    med = truth.groupby("kind")["area_px"].median()
+    assert med["fragment"] < med["cell"] < med["blob"]
+    assert not truth.loc[truth["kind"].isin(sim.ARTEFACT_KINDS), "positive"].any()
+
+
+def test_simulated_annotator_follows_the_truth_with_its_error_rate():
+    from seglab.curate.annotator import simulate_answers
+
+    truth = {f"s-{i:010x}": i % 3 == 0 for i in range(300)}
+    exact = simulate_answers(truth, error_rate=0.0)
+    assert exact == {k: "yes" if v else "no" for k, v in truth.items()}
+    flipped = simulate_answers(truth, error_rate=1.0)
+    assert flipped == {k: "no" if v else "yes" for k, v in truth.items()}
+    some = simulate_answers(truth, error_rate=0.1, unsure_rate=0.05, seed=3)
+    assert some == simulate_answers(truth, error_rate=0.1, unsure_rate=0.05, seed=3)
+    wrong = sum(a != ("yes" if truth[k] else "no") for k, a in some.items() if a != "unsure")
+    assert 10 <= wrong <= 50 and 5 <= list(some.values()).count("unsure") <= 30
+    with pytest.raises(SeglabError, match="error_rate=2"):
+        simulate_answers(truth, error_rate=2)
+
+
+def _gallery(tmp_path, table, cell_type="cell"):
+    from seglab.curate import answers as ans
+
+    area = ans.area_filter_record(None, None)
+    g = {"format": ans.GALLERY_FORMAT, "export_id": ans.export_id(table["object_id"], "m|mask:0", area),
+         "segmentation_id": "m|mask:0", "area_filter": area, "pixel_size_um": 0.35, "cell_type": cell_type,
+         "feature_columns": list(feat.FEATURE_COLUMNS),
+         "objects": [{"object_id": o, "source": s, "page": 1, "area_um2": a, "area_px": 1}
+                     for o, s, a in zip(table["object_id"], table["source"], table["area_um2"])]}
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    (folder / ans.GALLERY_FILE).write_text(json.dumps(g))
+    return folder, g
+
+
+def test_command_line_trains_gates_and_refuses_a_weak_classifier(tmp_path, capsys):
+    from seglab.cli import main
+    from seglab.curate.annotator import simulate_answers
+    from seglab.curate.answers import write_answers
+
+    t = synthetic_table(n=160)
+    t.drop(columns=["label_yes"]).to_csv(tmp_path / "features.csv", index=False)
+    folder, g = _gallery(tmp_path, t)
+    write_answers(tmp_path / "good.json", g, simulate_answers(dict(zip(t["object_id"], t["label_yes"] == 1))), "sim")
+    noise = synthetic_table(n=160, signal=False, seed=4)
+    write_answers(tmp_path / "noise.json", g, simulate_answers(dict(zip(t["object_id"], noise["label_yes"] == 1))),
+                  "sim")
+    base = ["classifier", "train", "--features", str(tmp_path / "features.csv"), "--gallery", str(folder),
+            "--n-estimators", "15", "--curve-sizes", "40,160", "--curve-repeats", "1"]
+    assert main([*base, "--answers", str(tmp_path / "good.json"), "--out", str(tmp_path / "good.skops")]) == 0
+    assert "gate PASS" in capsys.readouterr().out
+    curve = store.load(tmp_path / "good.skops").sidecar["learning_curve"]
+    # 40 answers fall short; reached only at the largest size while still rising: more answers needed
+    assert curve["n_needed"] == 160 and curve["rising"] and curve["more_answers_needed"]
+    assert main([*base, "--answers", str(tmp_path / "noise.json"), "--out", str(tmp_path / "noise.skops")]) == 1
+    assert "did not pass the gate" in capsys.readouterr().out
+    assert main(["classifier", "check", str(tmp_path / "noise.skops")]) == 1
+    assert main([*base, "--answers", str(tmp_path / "good.json"), str(tmp_path / "noise.json"),
+                 "--gallery", str(folder), str(folder), str(folder), "--out", str(tmp_path / "x.skops")]) == 1
+    assert "3 galleries for 2 answers files" in capsys.readouterr().err

@@ -73,7 +73,9 @@ def cmd_train(args) -> int:
         print(curve.groupby("n_answers")[["accuracy", "recall", "precision"]].mean().round(3).to_string())
         print(f"[seglab] learning curve: gate reached at {verdict['n_needed']} answers; still rising: "
               f"{verdict['rising']}; more answers needed: {verdict['more_answers_needed']}")
-    pix = float(features["area_um2"].iloc[0] / features["area_px"].iloc[0]) ** 0.5 if len(features) else None
+    # the features' pixel size (um per px), from their own areas: what tile inference converts with
+    pix = float(features["area_um2"].iloc[0] / features["area_px"].iloc[0]) ** 0.5 \
+        if len(features) and {"area_um2", "area_px"} <= set(features.columns) else None
     cv, path = clf.train_gate_save(table, spec, args.out, group_col=args.group_col, thresholds=thresholds,
                                    source=source, pixel_size_um=args.pixel_size_um or pix, curve=verdict,
                                    extra={"features_file": str(fpath.resolve())})
