@@ -39,7 +39,7 @@ import pandas as pd
 from seglab import SeglabError
 from seglab.downstream.cohort import Cohort, check_tile_table, donor_features, join_clinical, normalise_ids
 from seglab.downstream.features import FEATURES, SENSITIVITY_PERCENTILES, at_percentile, densities
-from seglab.downstream.stats import MIN_N, bh_qvalues, spearman_grid
+from seglab.downstream.stats import MIN_N, PERM_RESAMPLES, bh_qvalues, spearman_grid
 
 DEFAULT_FEATURES: tuple[str, ...] = ("ratio", "positive_per_mpx", "total_per_mpx")
 # the fewest donors whose exact two-sided p can reach 0.05: 2/5! = 0.017, while 4 donors give at best 2/4! = 0.083
@@ -123,8 +123,16 @@ def correlate(
     markers: Sequence[str] | None = None,
     family="all",
     min_donors: int = MIN_DONORS,
+    seed: int = 0,
+    n_resamples: int = PERM_RESAMPLES,
 ) -> pd.DataFrame:
     """Spearman per (marker x feature x outcome) with BH over the family.
+
+    p: exact permutation p up to 9 donors and for |rho| = 1, above that a
+    Monte Carlo permutation p from ``n_resamples`` pairings drawn from ``seed``
+    (the same p for the same data and seed on every run); see
+    :mod:`seglab.downstream.stats`. Fewer pairings give a valid but coarser p
+    (calibration studies over hundreds of cohorts use 20,000).
 
     Returns
     -------
@@ -143,7 +151,7 @@ def correlate(
     cube, present, zero = _feature_cube(cohort, markers, features)
     vy = np.isfinite(Y)
     for a, mk in enumerate(markers):
-        rho, n, p = spearman_grid(cube[a], Y, pvalues=True)  # (F, K): every feature x outcome of this marker
+        rho, n, p = spearman_grid(cube[a], Y, pvalues=True, seed=seed, n_resamples=n_resamples)  # (F, K): every feature x outcome of this marker
         p[n < min_donors] = np.nan  # not a test: out of the BH family, never significant
         for j, ft in enumerate(features):
             x = cube[a, j]
@@ -273,8 +281,11 @@ def bootstrap_replicates(
 ):
     """rho and q of every test in every resample (vectorised; see the module notes).
 
-    p-values as in :func:`correlate` (exact up to 9 donors, from tables cached
-    per tie pattern), NaN below ``min_donors`` donors.
+    p-values as in :func:`correlate` with the same ``seed`` (exact up to 9
+    donors, Monte Carlo permutation above, both from null samples cached per
+    tie pattern; above 9 donors the resampled feature is taken as untied in
+    the null, so every resample shares one null per outcome pattern instead
+    of drawing its own), NaN below ``min_donors`` donors.
 
     Returns
     -------
@@ -312,7 +323,7 @@ def bootstrap_replicates(
                 draws.setdefault(mt.marker, (mt.tile_ids, []))[1].append(idx)
             fx = _donor_feature_rows(mt, idx, D, features)
             for j, f in enumerate(features):
-                r, nn, pp = spearman_grid(fx[f], Y, pvalues=True)
+                r, nn, pp = spearman_grid(fx[f], Y, pvalues=True, seed=seed, untie_x_null=True)
                 sl = slice(col + j * K, col + (j + 1) * K)
                 rho[b0:b1, sl] = r
                 p[b0:b1, sl] = pp
@@ -442,7 +453,7 @@ def analyse(
             f"no donor is in both the tiles and the clinical table (tiles: {cohort.missing_in_clinical[:5]}..., "
             f"clinical: {cohort.missing_in_tiles[:5]}...); check donor_col={donor_col!r} and the id format"
         )
-    corr = correlate(cohort, features=features, family=family, min_donors=min_donors)
+    corr = correlate(cohort, features=features, family=family, min_donors=min_donors, seed=seed)
     if B:
         tests, rho, q = bootstrap_replicates(
             tiles, cohort, features=features, positive_col=positive_col, B=B, seed=seed, family=family,

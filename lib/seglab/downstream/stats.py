@@ -10,7 +10,8 @@ reference implementations in ``tests/test_downstream.py`` and
   ``B`` bootstrap resamples x ``K`` outcomes. With ``pvalues=True`` it also
   gives the two-sided p of every pair, by the method below.
 - :func:`spearman_pvalue` is scipy's two-sided t approximation with ``n - 2``
-  degrees of freedom (what ``spearmanr`` reports).
+  degrees of freedom (what ``spearmanr`` reports); no longer used for p, kept
+  as the reference the benchmark compares with.
 - :func:`bh_qvalues` equals ``statsmodels.stats.multitest.multipletests(p,
   method="fdr_bh")[1]`` along the last axis, ignoring NaN p-values (they stay
   NaN and do not count in the family size ``m``).
@@ -29,16 +30,31 @@ Which p-value, when (``spearman_grid(..., pvalues=True)``)
     sorted ranks), so it is computed once per pair of patterns and cached;
     every bootstrap resample with the same patterns is one ``searchsorted``.
     9 is where R's ``cor.test`` stops enumerating too (AS 89).
-``n > EXACT_MAX_N``, ``|rho| < 1``: the t approximation
-    :func:`spearman_pvalue`, exactly scipy's ``spearmanr`` and R's with ties,
-    so the numbers of every earlier run stand. Near p = 0.05 it is close to
-    the permutation p; in the far tail it is too small: a t p of 1e-4 is a
-    permutation p of about 2e-4 at 10 donors and 1.5e-4 at 24 (4 million
-    random pairings), and BH over many tests decides in that tail: over
-    1000 simulated null cohorts of 24 donors and 120 tests the mean false
-    discovery proportion was 0.074 (se 0.008) at alpha 0.05, and 0.056 (se
-    0.007) with a Monte Carlo permutation p (``bench/bench_null_calibration.py``).
-    That p would depend on a seed and cost ~10^4 times more in the bootstrap.
+``n > EXACT_MAX_N``, ``|rho| < 1``: Monte Carlo permutation, seeded
+    ``m = PERM_RESAMPLES`` (200,000) random pairings of the same average ranks
+    (ties included), drawn from ``seed`` (``analyse``'s seed) and the donor
+    count only: the same p for the same data on every run. Each tail is
+    ``(b + 1) / (m + 1)`` (Phipson & Smyth: a valid p for any m, never 0),
+    two-sided by doubling the smaller, as the exact path and
+    ``scipy.stats.permutation_test``. Why 200,000: BH over ~120 tests at 0.05
+    needs p down to 0.05/120 = 4.2e-4 (the smallest p, 2/200,001 = 1e-5, is
+    well below), and the demo's calls sit at q 0.03-0.05, where a p of 0.005
+    decides: there a tail holds ~500 of the 200,000 pairings, so the p is
+    known to about +-4.5% (Monte Carlo sd; +-14% with 20,000, enough to move
+    a q of 0.048 across 0.05 by the draw alone). Near 4.2e-4 a tail holds
+    about 40 pairings (+-16%): whether a test at the very edge of BH's first
+    step passes is partly the draw, but the p stays valid, so the FDR stays
+    controlled; only power at the edge is lost.
+    lost. The null sample is cached per pair of tie patterns (a sorted
+    int64 array), so tests and resamples with the same patterns share it.
+    It replaced scipy's t approximation, whose far tail is too light: a t p
+    of 1e-4 is a permutation p of about 1.5e-4 at 24 donors, and over 1000
+    null cohorts of 24 donors and 120 tests the mean false discovery
+    proportion was 0.074 (se 0.008) at alpha 0.05 (``bench/bench_null_calibration.py``).
+    In the bootstrap (``untie_x_null``) the resampled feature's ties are
+    left out of the null (only the outcome's kept), so all resamples share
+    one null per outcome pattern: otherwise each resample's ties would draw
+    its own (~150x slower). For an untied feature the two are identical.
 ``n > EXACT_MAX_N``, a perfect correlation (``|rho| = 1``): exact, closed form
     The t approximation gives 0. The exact p is ``2 * prod(t_k!) / n!`` (t_k
     the sizes of the tie groups): only the pairings that keep every tie group
@@ -46,7 +62,8 @@ Which p-value, when (``spearman_grid(..., pvalues=True)``)
 Never 0
     No permutation p can be below ``2 / n!`` (the observed pairing is one of
     the ``n!``), so the t approximation is floored there, and every p at the
-    smallest positive double (``2 / n!`` underflows beyond ~170 donors).
+    smallest positive double (``2 / n!`` underflows beyond ~170 donors); the
+    Monte Carlo p is at least ``2 / (m + 1)``.
 
 Examples
 --------
@@ -72,10 +89,13 @@ from scipy.stats import rankdata
 
 MIN_N = 3  # below three pairs a rank correlation has no degrees of freedom left
 EXACT_MAX_N = 9  # 9! = 362,880 pairings: enumerated once per pair of tie patterns in ~30 ms; 10! takes 10x that
+PERM_RESAMPLES = 200_000  # Monte Carlo pairings above EXACT_MAX_N donors: the smallest p, 2/200,001 = 1e-5, is
+#                           far below BH's first step over 120 tests (0.05/120 = 4.2e-4); the module notes give its error
 _PERFECT = 1e-9  # |rho| this close to 1 is checked on the integer ranks for an exact tie (float rho may be 1 - 2e-16)
 
 
-def spearman_grid(x: np.ndarray, y: np.ndarray, *, pvalues: bool = False):
+def spearman_grid(x: np.ndarray, y: np.ndarray, *, pvalues: bool = False, seed: int = 0,
+                  n_resamples: int = PERM_RESAMPLES, untie_x_null: bool = False):
     """Spearman rho (and with ``pvalues`` its two-sided p) for every (row of ``x``, row of ``y``), NaN-aware.
 
     Parameters
@@ -95,7 +115,12 @@ def spearman_grid(x: np.ndarray, y: np.ndarray, *, pvalues: bool = False):
         Number of donors used.
     p : (R, K) float64, only with ``pvalues``
         Two-sided p: exact for ``n <= EXACT_MAX_N`` and for ``|rho| = 1``, else
-        the t approximation (see the module notes); never 0; NaN where rho is.
+        a Monte Carlo permutation p from ``n_resamples`` pairings drawn from
+        ``seed`` (see the module notes); never 0; NaN where rho is. With
+        ``untie_x_null`` that Monte Carlo null takes the rows of ``x`` as
+        untied (ties of ``y`` kept): one cached null per outcome pattern for
+        all bootstrap resamples, where the resampled features' ties would
+        make one per resample (the module notes).
 
     Notes
     -----
@@ -112,7 +137,6 @@ def spearman_grid(x: np.ndarray, y: np.ndarray, *, pvalues: bool = False):
     K = y.shape[0]
     rho = np.full((R, K), np.nan)
     p = np.full((R, K), np.nan) if pvalues else None
-    exact = False
     n = np.zeros((R, K), dtype=np.int64)
     vx = np.isfinite(x)
     vy = np.isfinite(y)
@@ -144,19 +168,27 @@ def spearman_grid(x: np.ndarray, y: np.ndarray, *, pvalues: bool = False):
             ryc[:, sub] = ry - (nm + 1) / 2.0
             r = _pearson_centred(rxc, ryc)
             rho[np.ix_(rows, cols)] = r
-            # only the groups needing an exact p pay for the ranks; the rest get the t approximation below
-            if pvalues and (nm <= EXACT_MAX_N or (np.abs(r) > 1 - _PERFECT).any()):
-                p[np.ix_(rows, cols)] = _exact_group_pvalues(r, nm, rxc, ryc, sub)
-                exact = True
-    return (rho, n, _with_t_approximation(p if exact else None, rho, n)) if pvalues else (rho, n)
-
-
-def _with_t_approximation(p_exact: np.ndarray | None, rho: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """The exact p where there is one (None: nowhere), else the t approximation; floored at 2 / n!."""
-    p_t = spearman_pvalue(rho, n)
-    p = p_t if p_exact is None else np.where(np.isnan(p_exact), p_t, p_exact)
+            if pvalues:
+                p[np.ix_(rows, cols)] = _group_pvalues(r, nm, rxc, ryc, sub, seed, n_resamples, untie_x_null)
+    if not pvalues:
+        return rho, n
     floor = _min_pvalue(np.arange(int(n.max(initial=0)) + 1))
-    return np.maximum(p, floor[n])  # maximum, unlike fmax, keeps the NaN of an untested pair
+    return rho, n, np.maximum(p, floor[n])  # maximum, unlike fmax, keeps the NaN of an untested pair
+
+
+def _group_pvalues(r, nm: int, rxc, ryc, sub, seed: int, n_resamples: int, untie: bool) -> np.ndarray:
+    """Two-sided p of one group's rho (R, K) over ``nm`` donors: exact up to EXACT_MAX_N donors and
+    for |rho| = 1, else Monte Carlo permutation (the module notes)."""
+    if nm <= EXACT_MAX_N:
+        return _exact_group_pvalues(r, nm, rxc, ryc, sub)
+    a = _twice(rxc[:, sub])
+    if untie:  # the untied ranks stand in for every row: one null per outcome pattern, compared on the rho scale
+        a = np.broadcast_to(2 * np.arange(nm, dtype=np.int64) - (nm - 1), a.shape)
+    p = _mc_pvalues(r, a, _twice(ryc[:, sub]), seed, n_resamples, on_rho=untie)
+    if (np.abs(r) > 1 - _PERFECT).any():  # a perfect rank order: the closed form, not the Monte Carlo floor
+        exact = _exact_group_pvalues(r, nm, rxc, ryc, sub)
+        p = np.where(np.isnan(exact), p, exact)
+    return p
 
 
 def _tie_bounds(sv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,6 +251,71 @@ def _exact_group_pvalues(r: np.ndarray, nm: int, rxc: np.ndarray, ryc: np.ndarra
     perfect = (a == b).all(axis=1) | (a == -b).all(axis=1)
     p[ri[perfect], ki[perfect]] = _perfect_pvalue(a[perfect])
     return p
+
+
+def _mc_pvalues(r: np.ndarray, a: np.ndarray, b: np.ndarray, seed: int, n_resamples: int, *,
+                on_rho: bool = False) -> np.ndarray:
+    """Monte Carlo two-sided permutation p of rho (R, K) from twice the centred ranks a (R, n) and b (K, n).
+
+    As :func:`_exact_pvalues`, with the null of the integer statistic ``a.b``
+    drawn (``n_resamples`` random pairings) instead of enumerated: one sorted
+    sample per pair of tie patterns, cached, so the bootstrap resamples with
+    the patterns of the observed data cost one ``searchsorted``. Each tail is
+    ``(b + 1) / (m + 1)`` (b of the m pairings at least as extreme; the
+    observed pairing counts as one), doubled for two sides, capped at 1.
+    ``on_rho``: compare ``r`` with the null scaled to rho (``a`` then only
+    names the null's pattern, not the data's ranks).
+    """
+    stat = r if on_rho else a @ b.T
+    p = np.full(r.shape, np.nan)
+    ok = np.isfinite(r)
+    if not ok.any():
+        return p
+    ua, ia = np.unique(np.sort(a, axis=1), axis=0, return_inverse=True)
+    ub, ib = np.unique(np.sort(b, axis=1), axis=0, return_inverse=True)
+    pair = ia.ravel()[:, None] * len(ub) + ib.ravel()[None, :]
+    m1 = n_resamples + 1.0
+    for code in np.unique(pair[ok]):
+        i, j = divmod(int(code), len(ub))
+        null = _mc_null(tuple(ua[i].tolist()), tuple(ub[j].tolist()), int(seed), int(n_resamples))
+        cells = ok & (pair == code)
+        s, tol = stat[cells], 0
+        if on_rho:  # null rho values are >= 1 / (|a||b|) apart; 1e-9 only absorbs rounding
+            null = null / math.sqrt(float(ua[i] @ ua[i]) * float(ub[j] @ ub[j]))
+            tol = 1e-9
+        le = np.searchsorted(null, s + tol, side="right")  # integer statistics need no tolerance
+        ge = null.size - np.searchsorted(null, s - tol, side="left")
+        p[cells] = np.minimum(1.0, 2.0 * (np.minimum(le, ge) + 1) / m1)
+    return p
+
+
+def _mc_null(pa: tuple, pb: tuple, seed: int, n_resamples: int) -> np.ndarray:
+    """Sorted Monte Carlo null of ``sum a_i b_pi(i)`` for tie patterns pa, pb; the pair in one order
+    so the same data give the same sample whichever side is the feature."""
+    return _mc_null_cached(*sorted((pa, pb)), seed, n_resamples)
+
+
+@functools.lru_cache(maxsize=64)  # at most 64 x 200,000 int64: 100 MB (one null per pair of tie patterns)
+def _mc_null_cached(pa: tuple, pb: tuple, seed: int, n_resamples: int) -> np.ndarray:
+    n = len(pa)
+    perms = _random_pairings(n, seed, n_resamples)
+    va, vb = np.asarray(pa, dtype=np.int64), np.asarray(pb, dtype=np.int64)
+    step = max(1, 4_000_000 // n)  # bound the (step, n) gathered block
+    null = np.concatenate([vb[perms[k:k + step]] @ va for k in range(0, n_resamples, step)])
+    null.sort()
+    null.flags.writeable = False  # cached: shared by every caller
+    return null
+
+
+@functools.lru_cache(maxsize=4)
+def _random_pairings(n: int, seed: int, n_resamples: int) -> np.ndarray:
+    """(n_resamples, n) random permutations of range(n), from (seed, n) only: the same on every run and
+    for every test over n donors (the p of each test is valid; tests share the draws)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), n]))
+    dtype = np.int16 if n < 2**15 else np.int64
+    perms = rng.permuted(np.tile(np.arange(n, dtype=dtype), (n_resamples, 1)), axis=1)
+    perms.flags.writeable = False
+    return perms
 
 
 def _twice(c: np.ndarray) -> np.ndarray:

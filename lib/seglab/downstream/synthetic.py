@@ -95,13 +95,16 @@ def null_calibration(
     tiles_per_donor: int = 3,
     cells_per_tile: float = 60.0,
     methods: Mapping[str, Callable] | None = None,
+    n_resamples: int | None = None,
 ) -> pd.DataFrame:
     """False discoveries of :func:`seglab.downstream.correlate.correlate` over simulated cohorts.
 
     Each cohort is :func:`synthetic_tile_table` (seed ``seed + i``); the tests
     of markers with effect 0 are the null tests (a list of markers: every test
     is null). Every cohort is analysed with the library's p-values (exact up
-    to 9 donors), with scipy's t approximation everywhere (what the library
+    to 9 donors, Monte Carlo permutation above, drawn from seed ``seed + i``
+    so the cohorts do not share their null draws; ``n_resamples`` pairings, None:
+    the library's default), with scipy's t approximation everywhere (what the library
     did before) and with each of ``methods`` (name -> function of the
     :class:`~seglab.downstream.cohort.Cohort` and ``correlate``'s table giving
     one p per row), each BH over all tests at ``alpha``.
@@ -123,7 +126,8 @@ def null_calibration(
         tiles, clin = synthetic_tile_table(n_donors, tiles_per_donor, eff, outcomes, seed=seed + i,
                                            cells_per_tile=cells_per_tile, ordinal_levels=ordinal_levels)
         cohort = join_clinical(donor_features(tiles), clin, outcomes)
-        res = correlate(cohort, min_donors=MIN_DONORS if min_donors is None else min_donors)
+        res = correlate(cohort, min_donors=MIN_DONORS if min_donors is None else min_donors, seed=seed + i,
+                        **({} if n_resamples is None else {"n_resamples": int(n_resamples)}))
         null = res["marker"].isin(null_markers).to_numpy()
         p = res["p"].to_numpy()
         row = {"cohort": i, "n_tests": int(np.isfinite(p).sum()), "min_p": float(np.nanmin(p, initial=np.inf)),
