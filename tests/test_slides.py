@@ -65,6 +65,9 @@ def test_one_conversion_gives_the_issue_bounds_inclusively():
     assert f.keep([3360, 3361, 70573, 70574], 0.1725).tolist() == [False, True, True, False]
     assert um2_to_px(1.0, 0.5) == 4.0 and px_to_um2(4, 0.5) == 1.0
     assert AreaFilter(None, None).keep([0, 10 ** 9], 0.3).tolist() == [True, True]
+    # where the bounds were read is for messages: two slides' run.json with the same bounds are one filter
+    assert AreaFilter(100, 2100, source="a/run.json") == AreaFilter(100, 2100, source="b/run.json")
+    assert AreaFilter(100, 2100) != AreaFilter(100, 2000)
 
 
 def test_filter_min_above_max_is_refused_naming_the_keys():

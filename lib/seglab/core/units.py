@@ -16,7 +16,7 @@ bounds give exactly the objects whose area in um^2 lies in [min_um2, max_um2]).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -60,7 +60,8 @@ class AreaFilter:
 
     min_um2: float | None = None
     max_um2: float | None = None
-    source: str = "area filter"
+    # where the bounds came from, for messages only: two filters of the same bounds are the same filter
+    source: str = field(default="area filter", compare=False)
 
     def __post_init__(self):
         # named by their params keys (min_area_um2 / max_area_um2), which is where users set them
