@@ -268,25 +268,32 @@ def _mc_pvalues(r: np.ndarray, a: np.ndarray, b: np.ndarray, seed: int, n_resamp
     """
     stat = r if on_rho else a @ b.T
     p = np.full(r.shape, np.nan)
-    ok = np.isfinite(r)
-    if not ok.any():
-        return p
-    ua, ia = np.unique(np.sort(a, axis=1), axis=0, return_inverse=True)
-    ub, ib = np.unique(np.sort(b, axis=1), axis=0, return_inverse=True)
-    pair = ia.ravel()[:, None] * len(ub) + ib.ravel()[None, :]
     m1 = n_resamples + 1.0
-    for code in np.unique(pair[ok]):
-        i, j = divmod(int(code), len(ub))
-        null = _mc_null(tuple(ua[i].tolist()), tuple(ub[j].tolist()), int(seed), int(n_resamples))
-        cells = ok & (pair == code)
+    for pa, pb, cells in _by_tie_patterns(a, b, np.isfinite(r)):
+        null = _mc_null(pa, pb, int(seed), int(n_resamples))
         s, tol = stat[cells], 0
         if on_rho:  # null rho values are >= 1 / (|a||b|) apart; 1e-9 only absorbs rounding
-            null = null / math.sqrt(float(ua[i] @ ua[i]) * float(ub[j] @ ub[j]))
+            va, vb = np.asarray(pa, dtype=np.float64), np.asarray(pb, dtype=np.float64)
+            null = null / math.sqrt(float(va @ va) * float(vb @ vb))
             tol = 1e-9
         le = np.searchsorted(null, s + tol, side="right")  # integer statistics need no tolerance
         ge = null.size - np.searchsorted(null, s - tol, side="left")
         p[cells] = np.minimum(1.0, 2.0 * (np.minimum(le, ge) + 1) / m1)
     return p
+
+
+def _by_tie_patterns(a: np.ndarray, b: np.ndarray, ok: np.ndarray):
+    """Yield (pattern of a, pattern of b, cells) for every pair of tie patterns among the ``ok`` cells
+    of the (R, K) grid of rows of ``a`` (R, n) x rows of ``b`` (K, n): a pattern is a row's sorted
+    twice-centred ranks (a tuple, the null's cache key), ``cells`` the (R, K) mask of that pair."""
+    if not ok.any():
+        return
+    ua, ia = np.unique(np.sort(a, axis=1), axis=0, return_inverse=True)
+    ub, ib = np.unique(np.sort(b, axis=1), axis=0, return_inverse=True)
+    pair = ia.ravel()[:, None] * len(ub) + ib.ravel()[None, :]
+    for code in np.unique(pair[ok]):
+        i, j = divmod(int(code), len(ub))
+        yield tuple(ua[i].tolist()), tuple(ub[j].tolist()), ok & (pair == code)
 
 
 def _mc_null(pa: tuple, pb: tuple, seed: int, n_resamples: int) -> np.ndarray:
@@ -353,16 +360,8 @@ def _exact_pvalues(r: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     stat = a @ b.T  # (R, K) integers
     p = np.full(r.shape, np.nan)
-    ok = np.isfinite(r)
-    if not ok.any():
-        return p
-    ua, ia = np.unique(np.sort(a, axis=1), axis=0, return_inverse=True)
-    ub, ib = np.unique(np.sort(b, axis=1), axis=0, return_inverse=True)
-    pair = ia.ravel()[:, None] * len(ub) + ib.ravel()[None, :]
-    for code in np.unique(pair[ok]):
-        i, j = divmod(int(code), len(ub))
-        values, le, ge = _null_table(tuple(ua[i].tolist()), tuple(ub[j].tolist()))
-        cells = ok & (pair == code)
+    for pa, pb, cells in _by_tie_patterns(a, b, np.isfinite(r)):
+        values, le, ge = _null_table(pa, pb)
         k = np.searchsorted(values, stat[cells])  # the observed statistic is one of the values
         p[cells] = np.minimum(1.0, 2.0 * np.minimum(le[k], ge[k]))
     return p
