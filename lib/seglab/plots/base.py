@@ -1,4 +1,4 @@
-"""What every figure module shares: a new headless Figure and the check of a table's columns.
+"""What every figure module shares: a new headless Figure, the check of a table's columns, grouped bars.
 
 The figure functions of :mod:`seglab.plots` build a :class:`matplotlib.figure.Figure`
 directly (no pyplot, no ``plt.show()``), so they work headless, in notebooks and in
@@ -28,3 +28,16 @@ def check_columns(df: pd.DataFrame, columns: Sequence[str], what: str, *, source
     if missing:
         raise SeglabError(f"{what}: missing column(s) {missing} (have {list(df.columns)}); "
                           f"pass a table from {source}")
+
+
+def grouped_bars(ax, groups: Sequence[str], bars: Sequence[tuple], *, ylabel: str, width: float = 0.27) -> None:
+    """Side-by-side bars on ``ax``: one group per entry of ``groups`` (x tick labels), one bar per
+    (values, label, color) of ``bars`` within each group, centred on the tick; a small legend."""
+    import numpy as np
+
+    x = np.arange(len(groups))
+    for k, (values, label, color) in enumerate(bars):
+        ax.bar(x + (k - (len(bars) - 1) / 2) * width, values, width, label=label, color=color)
+    ax.set_xticks(x, list(groups))
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)

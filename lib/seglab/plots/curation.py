@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from seglab.plots.base import check_columns, new_figure
+from seglab.plots.base import check_columns, grouped_bars, new_figure
 
 METRIC_COLOURS = {"accuracy": "tab:blue", "recall": "tab:green", "precision": "tab:orange"}
 
@@ -63,14 +63,9 @@ def counts_figure(counts: pd.DataFrame):
                   source="seglab.experiments.e9_curation.count_table")
     fig = new_figure((9, 3.4))
     ax, ax2 = fig.subplots(1, 2)
-    x = np.arange(len(counts))
-    w = 0.27
-    ax.bar(x - w, counts["n_true_cells"], w, label="true cells", color="0.3")
-    ax.bar(x, counts["n_detected"], w, label="detected (area filter)", color="tab:red")
-    ax.bar(x + w, counts["n_kept"], w, label="kept by the classifier", color="tab:blue")
-    ax.set_xticks(x, counts["slide"])
-    ax.set_ylabel("objects")
-    ax.legend(fontsize=7)
+    grouped_bars(ax, counts["slide"], [(counts["n_true_cells"], "true cells", "0.3"),
+                                       (counts["n_detected"], "detected (area filter)", "tab:red"),
+                                       (counts["n_kept"], "kept by the classifier", "tab:blue")], ylabel="objects")
     ax2.scatter(counts["density_true_per_mm2"], counts["density_detected_per_mm2"], color="tab:red",
                 label="detected")
     ax2.scatter(counts["density_true_per_mm2"], counts["density_kept_per_mm2"], color="tab:blue", label="kept")

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from seglab.plots.base import check_columns, new_figure
+from seglab.plots.base import check_columns, grouped_bars, new_figure
 
 
 def _stretch(img: np.ndarray) -> np.ndarray:
@@ -111,14 +111,10 @@ def counts_figure(counts: pd.DataFrame):
                   source="seglab.experiments.e8_slides.count_table")
     fig = new_figure((9, 3.4))
     ax, ax2 = fig.subplots(1, 2)
-    x = np.arange(len(counts))
-    w = 0.27
-    ax.bar(x - w, counts["n_true"], w, label="truth (filtered)", color="0.3")
-    ax.bar(x, counts["n_full"], w, label="full pass", color="tab:blue")
-    ax.bar(x + w, counts["n_sample_scaled"], w, label="sample, scaled by tissue area", color="tab:orange")
-    ax.set_xticks(x, counts["slide"])
-    ax.set_ylabel("objects")
-    ax.legend(fontsize=7)
+    grouped_bars(ax, counts["slide"], [(counts["n_true"], "truth (filtered)", "0.3"),
+                                       (counts["n_full"], "full pass", "tab:blue"),
+                                       (counts["n_sample_scaled"], "sample, scaled by tissue area", "tab:orange")],
+                 ylabel="objects")
     if "density_true_per_mm2" in counts:
         ax2.scatter(counts["density_true_per_mm2"], counts["density_full_per_mm2"], label="full pass")
         if "density_sample_per_mm2" in counts:
