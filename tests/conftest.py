@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +31,21 @@ def pytest_collection_modifyitems(session, config, items):
 
     out = Path(tempfile.mkdtemp(prefix="seglab-smoke-chain-"))
     config.stash[SMOKE_CHAIN] = BackgroundChain(REPO, out, "smoke", cpsam=True).start()
+    yield_the_core_to_the_chain()
+
+
+def yield_the_core_to_the_chain() -> None:
+    """The rest of the suite (this process, its threads and every command a test starts) runs at
+    a lower CPU priority than the chain, and torch runs one thread here. The chain's critical
+    path is Cellpose-SAM's one-thread E1: on a 2-core machine any test running two threads, or two
+    tests' processes at once, took half of its core (E1 276 s alone, 508 s beside the suite of
+    stop 13, whose 3D, slide and active-learning tests run torch in this process with its default
+    two threads, which OMP_NUM_THREADS set per test does not reach once torch is imported). At nice
+    10 the suite gets what the chain leaves, and both cores while the chain waits on its kernels."""
+    os.setpriority(os.PRIO_PROCESS, 0, 10)  # Linux: this thread; threads and children made later inherit it
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def pytest_unconfigure(config):
