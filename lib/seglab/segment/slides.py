@@ -714,7 +714,9 @@ def slide_done(out: str | os.PathLike) -> bool:
 
 def export_instances(out: str | os.PathLike, area: AreaFilter) -> pd.DataFrame:
     """A slide's detections (``detections.csv``) filtered by ``area`` (um^2, through the one conversion),
-    with ``area_px`` and ``area_um2``: what a later step (annotation, curation) takes."""
+    with ``area_px`` and ``area_um2``: what a later step (annotation, curation) takes. A run with a
+    curation classifier adds ``classifier_confidence`` and ``kept`` and keeps the rejected objects
+    here (a next curation round reviews them too); ``instances.csv`` holds only the kept ones."""
     out = Path(out)
     if not io.set_complete(out, OUTPUT_SET):
         raise SeglabError(f"{out}: no complete slide output (merge not done); run seglab predict-slide first")
