@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 
 from seglab import SeglabError
+from seglab.core import paths
 
 MASK_SUFFIXES = (".tif", ".tiff")
 OUTPUT_SET = "evaluation"   # the set's marker: evaluation.complete.json
@@ -41,13 +42,8 @@ def pairing_key(path: str | Path) -> str | None:
     >>> pairing_key("a/img1_0000.tif"), pairing_key("img1_cp_masks.TIFF"), pairing_key("notes.txt")
     ('img1', 'img1', None)
     """
-    name = Path(path).name
-    lower = name.lower()
-    for ext in MASK_SUFFIXES:
-        if lower.endswith(ext):
-            stem = name[: -len(ext)]
-            break
-    else:
+    stem = paths.strip_suffix(path, MASK_SUFFIXES)
+    if stem is None:
         return None
     changed = True
     while changed:  # e.g. img_0000_masks

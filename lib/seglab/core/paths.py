@@ -77,3 +77,18 @@ def relative(path: str | os.PathLike) -> str:
     """``path`` relative to the project root when it lies inside it (for logs and records), else as given."""
     p, root = Path(path), project_root()
     return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+
+def strip_suffix(path: str | os.PathLike, suffixes) -> str | None:
+    """The file name of ``path`` without the longest of ``suffixes`` it ends with (case-insensitive;
+    every other dot kept), or None when it ends with none of them.
+
+    >>> strip_suffix("a/scan_1.5x.OME.TIF", (".tif", ".ome.tif")), strip_suffix("notes.txt", (".tif",))
+    ('scan_1.5x', None)
+    """
+    name = Path(path).name
+    lower = name.lower()
+    for suf in sorted(suffixes, key=len, reverse=True):
+        if lower.endswith(suf.lower()):
+            return name[: -len(suf)]
+    return None

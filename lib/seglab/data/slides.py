@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from seglab import SeglabError
-from seglab.core import io
+from seglab.core import io, paths
 from seglab.core.units import check_pixel_size
 
 CZI_SUFFIXES = (".czi",)
@@ -38,11 +38,8 @@ _UNIT_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1
 
 def slide_id(path: str | os.PathLike) -> str:
     """The slide's id: its file name without the slide suffix (``S01.ome.tif`` -> ``S01``)."""
-    name = Path(path).name
-    for suf in sorted(SLIDE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return Path(path).stem
+    stem = paths.strip_suffix(path, SLIDE_SUFFIXES)
+    return Path(path).stem if stem is None else stem
 
 
 def list_slides(folder: str | os.PathLike) -> list[Path]:

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from seglab import SeglabError
-from seglab.core import io
+from seglab.core import io, paths
 from seglab.data.manifest import TIFF_SUFFIXES
 
 OUT_SUFFIX = ".tiff"
@@ -87,13 +87,8 @@ def case_name(path: str | os.PathLike) -> str:
     >>> case_name("imagesTs/cell_07_0000.tif"), case_name("instancesTs/cell_07.tiff")
     ('cell_07', 'cell_07')
     """
-    name = Path(path).name
-    lower = name.lower()
-    for ext in TIFF_SUFFIXES:
-        if lower.endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return CHANNEL_SUFFIX_RE.sub("", name)
+    stem = paths.strip_suffix(path, TIFF_SUFFIXES)
+    return CHANNEL_SUFFIX_RE.sub("", Path(path).name if stem is None else stem)
 
 
 def _tiffs(folder: Path) -> list[Path]:

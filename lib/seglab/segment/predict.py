@@ -93,7 +93,7 @@ import pandas as pd
 
 from seglab import SeglabError
 from seglab.config.settings import DIAMETER_AUTO, DIAMETER_NATIVE, MaskSettings
-from seglab.core import io
+from seglab.core import io, paths
 from seglab.segment import models
 from seglab.segment import dynamics
 
@@ -156,11 +156,8 @@ def _tiles_folder(tiles_dir) -> Path:
 
 def tile_id_of(path: str | os.PathLike) -> str:
     """A single-file tile's id: its file name without the .tif/.tiff extension (other dots kept)."""
-    name = Path(path).name
-    for ext in TIFF_SUFFIXES:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+    stem = paths.strip_suffix(path, TIFF_SUFFIXES)
+    return Path(path).name if stem is None else stem
 
 
 def discover_tiles(tiles_dir: str | os.PathLike, *, warn: bool = False) -> list[Tile]:
