@@ -276,7 +276,7 @@ def test_slide_inference_records_the_classifier_and_refuses_another(slide, class
     on_disk = pd.read_csv(r.out / seg.INSTANCES)
     assert {"classifier_confidence", "kept"} <= set(on_disk.columns) and on_disk["kept"].all()
     # the confidences computed at tile time are those of the features of the finished run
-    again = capply.apply(a, feat.slide_features(r.out), 0.5).set_index("object_id")
+    again = capply.apply(a, seg.slide_features(r.out), 0.5).set_index("object_id")
     assert np.allclose(again.loc[det["object_id"], "classifier_confidence"], det["classifier_confidence"], atol=1e-4)
     # the same folder with another classifier, or with none: refused before any work
     with pytest.raises(SeglabError, match=r"made with classifier .* this run asks for classifier"):

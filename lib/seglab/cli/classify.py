@@ -1,6 +1,6 @@
 """Subcommands of the curation classifier: ``seglab classifier features|train|check``.
 
-``features`` measures a slide run's objects (:func:`seglab.curate.features.slide_features`);
+``features`` measures a slide run's objects (:func:`seglab.segment.slides.slide_features`);
 ``train`` joins features with answers files, draws the learning curve, cross-validates by group
 (the gate), fits and saves (skops + sidecar; exit 1 when the gate fails: the file is written,
 marked failed, and filtering refuses it); ``check`` loads a classifier with every check
@@ -19,7 +19,7 @@ def cmd_features(args) -> int:
     import pandas as pd
 
     from seglab.core import io
-    from seglab.curate.features import slide_features
+    from seglab.segment.slides import slide_features
 
     parts = [slide_features(p) for p in args.slide_outputs]
     table = pd.concat(parts, ignore_index=True)

@@ -11,7 +11,7 @@ An answers file (``seglab-answers/1``) is what the gallery's *Export answers* bu
 It belongs to one gallery export (``gallery.json``, written by :mod:`seglab.curate.gallery`),
 identified by its **export id**: the sha256 of the sorted object ids, the segmentation id (what
 made the masks: model and mask settings) and the area filter (um^2). Object ids are stable
-(:func:`seglab.segment.slides.object_id`: slide or tile id + bounding box + area in px), so the
+(:func:`seglab.core.objects.object_id`: slide or tile id + bounding box + area in px), so the
 same mask gets the same id after a re-export; but answers made under another segmentation or
 another area filter are **refused** (naming both), never matched to whatever cells carry the
 same ids now. :func:`load_answers` also refuses malformed JSON, another format, ids the gallery

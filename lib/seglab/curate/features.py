@@ -3,7 +3,7 @@
 :func:`object_features` measures every object of a label image with
 :func:`skimage.measure.regionprops` (the values equal regionprops' own, converted to um and
 um^2 by :mod:`seglab.core.units`, the one conversion). Object ids are those of the slide
-instance tables (:func:`seglab.segment.slides.object_id`: source + bbox + area, here with the
+instance tables (:func:`seglab.core.objects.object_id`: source + bbox + area, here with the
 bbox shifted by ``offset`` into the source's coordinates), so features, gallery cards, answers
 and instance tables name the same cells.
 
@@ -25,9 +25,6 @@ into the table a classifier is trained on.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -87,7 +84,7 @@ def object_features(labels: np.ndarray, image: np.ndarray | None, pixel_size_um:
     """
     from skimage.measure import regionprops
 
-    from seglab.segment.slides import object_id
+    from seglab.core.objects import object_id
 
     p = check_pixel_size(pixel_size_um)
     labels = np.asarray(labels)
@@ -134,39 +131,6 @@ def object_features(labels: np.ndarray, image: np.ndarray | None, pixel_size_um:
         rows.append(row)
     cols = list(ID_COLUMNS) + list(MORPHOLOGY_COLUMNS) + [channel_column(s, c) for c in names for s in INTENSITY_STATS]
     return pd.DataFrame(rows, columns=cols)
-
-
-def slide_features(slide_out: str | os.PathLike, slide_path: str | os.PathLike | None = None) -> pd.DataFrame:
-    """:func:`object_features` of every object a slide run kept in its tiles (``<slide_out>/tiles/``),
-    read tile by tile (the crop of each tile and the slide region under it), ids equal to the
-    run's ``instances.csv`` / ``detections.csv`` ``object_id``.
-
-    ``slide_path``: the slide file (default: the one named in ``run.json``). Raises SeglabError
-    when the run is not merged (no ``run.json``).
-    """
-    from seglab.data import slides as slides_io
-    from seglab.segment import slides as seg
-
-    out = Path(slide_out)
-    rec_path = out / seg.RUN_RECORD
-    if not rec_path.is_file():
-        raise SeglabError(f"{out}: no {seg.RUN_RECORD} (the slide run was not merged); run seglab predict-slide first")
-    rec = json.loads(rec_path.read_text())
-    parts = []
-    with slides_io.open_slide(slide_path or rec["path"], pixel_size_um=rec["pixel_size_um"],
-                              channels=rec["channels"]) as slide:
-        for t in rec["selected_tiles"]:
-            with np.load(out / seg.TILES / f"{t}.npz") as z:
-                crop, (y0, x0) = z["labels"], z["offset"]
-            if not crop.size or not crop.any():
-                continue
-            image = slide.read(int(y0), int(x0), crop.shape[0], crop.shape[1])
-            f = object_features(crop.astype(np.int64), image, rec["pixel_size_um"], rec["channels"], rec["slide"],
-                                offset=(int(y0), int(x0)))
-            parts.append(f.assign(tile=t))
-    return pd.concat(parts, ignore_index=True) if parts else object_features(
-        np.zeros((1, 1), np.int64), np.zeros((len(rec["channels"]), 1, 1)), rec["pixel_size_um"], rec["channels"],
-        rec["slide"]).assign(tile=pd.Series(dtype=str))
 
 
 def training_table(features: pd.DataFrame, answers: pd.DataFrame, *, source: str = "answers") -> pd.DataFrame:

@@ -20,7 +20,7 @@ classifier_confidence where the table has it) and what made the export: sources,
 Objects come from a slide run (``instances.csv``, ``labels.ome.zarr`` and the slide named in
 ``run.json``, :mod:`seglab.segment.slides`) or from a tile prediction folder (masks
 ``<tile>.tif`` + ``predict.json``, :mod:`seglab.segment.predict`) with its tiles. Ids are the
-stable :func:`seglab.segment.slides.object_id` (slide or tile id + bbox + area, px); feature
+stable :func:`seglab.core.objects.object_id` (slide or tile id + bbox + area, px); feature
 values are :mod:`seglab.curate.features`' (what the classifier sees).
 
 Each card shows a fixed-size crop (``crop_px`` x ``crop_px`` px of the source, the object's
@@ -117,7 +117,7 @@ def slide_sources(folder: str | os.PathLike, *, features: bool = True) -> tuple[
     {"segmentation_id", "pixel_size_um", "channels", "run_area": AreaFilter, "paths"}.
 
     Refuses slides made by different segmentations, at different pixel sizes or with different
-    area filters (one export, one identity). ``features``: join :func:`seglab.curate.features.slide_features`."""
+    area filters (one export, one identity). ``features``: join :func:`seglab.segment.slides.slide_features`."""
     sources: list[Source] = []
     try:
         return _slide_sources(folder, features, sources)
@@ -149,9 +149,7 @@ def _slide_sources(folder, features: bool, sources: list) -> tuple[list[Source],
             made["paths"].append(str(out))
         inst = pd.read_csv(out / seg.INSTANCES)
         if features and len(inst):
-            from seglab.curate import features as feat
-
-            f = feat.slide_features(out)
+            f = seg.slide_features(out)
             cols = [c for c in f.columns if c not in inst.columns or c == "object_id"]
             inst = inst.merge(f[cols], on="object_id", how="left", validate="one_to_one")
         slide = slides_io.open_slide(rec["path"], pixel_size_um=rec["pixel_size_um"], channels=rec["channels"])

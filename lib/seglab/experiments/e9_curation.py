@@ -144,8 +144,8 @@ def annotate(params: dict, galleries: Sequence[tuple[Path, dict]], truth: pd.Dat
 
 
 def features_of(results: Sequence[seg.SlideResult]) -> pd.DataFrame:
-    """:func:`seglab.curate.features.slide_features` of every slide's detections."""
-    from seglab.curate.features import slide_features
+    """:func:`seglab.segment.slides.slide_features` of every slide's detections."""
+    from seglab.segment.slides import slide_features
 
     return pd.concat([slide_features(r.out) for r in results], ignore_index=True)
 

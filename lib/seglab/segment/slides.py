@@ -36,7 +36,6 @@ entry point, and checked against what torch sees.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -54,6 +53,7 @@ import pandas as pd
 from seglab import SeglabError
 from seglab.config.settings import MaskSettings
 from seglab.core import io
+from seglab.core.objects import object_id
 from seglab.core.units import AreaFilter, px_to_um, px_to_um2
 from seglab.data import slides as slides_io
 
@@ -272,13 +272,6 @@ def sample_tiles(tile_ids: Sequence[str], fraction: float, seed: int, slide: str
 
 
 # --------------------------------------------------------------------------- one tile
-
-
-def object_id(slide: str, bbox: Sequence[int], area_px: int) -> str:
-    """``<slide>-<10 hex>``: a stable id from the slide and the object's geometry (bbox y0, x0, y1, x1
-    in slide px and its area in px)."""
-    key = f"{slide}|{','.join(str(int(v)) for v in bbox)}|{int(area_px)}"
-    return f"{slide}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
 def tile_objects(labels: np.ndarray, image: np.ndarray, tile: Tile, slide: str, pixel_size_um: float,
@@ -710,6 +703,38 @@ def read_labels(out: str | os.PathLike, region: tuple[slice, slice] | None = Non
 def slide_done(out: str | os.PathLike) -> bool:
     """Whether a slide's output folder holds a complete, checked merge."""
     return io.set_complete(out, OUTPUT_SET) and (Path(out) / LABELS).is_dir()
+
+
+def slide_features(slide_out: str | os.PathLike, slide_path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """:func:`seglab.curate.features.object_features` of every object a slide run kept in its tiles (``<slide_out>/tiles/``),
+    read tile by tile (the crop of each tile and the slide region under it), ids equal to the
+    run's ``instances.csv`` / ``detections.csv`` ``object_id``.
+
+    ``slide_path``: the slide file (default: the one named in ``run.json``). Raises SeglabError
+    when the run is not merged (no ``run.json``).
+    """
+    from seglab.curate.features import object_features
+
+    out = Path(slide_out)
+    rec_path = out / RUN_RECORD
+    if not rec_path.is_file():
+        raise SeglabError(f"{out}: no {RUN_RECORD} (the slide run was not merged); run seglab predict-slide first")
+    rec = json.loads(rec_path.read_text())
+    parts = []
+    with slides_io.open_slide(slide_path or rec["path"], pixel_size_um=rec["pixel_size_um"],
+                              channels=rec["channels"]) as slide:
+        for t in rec["selected_tiles"]:
+            with np.load(out / TILES / f"{t}.npz") as z:
+                crop, (y0, x0) = z["labels"], z["offset"]
+            if not crop.size or not crop.any():
+                continue
+            image = slide.read(int(y0), int(x0), crop.shape[0], crop.shape[1])
+            f = object_features(crop.astype(np.int64), image, rec["pixel_size_um"], rec["channels"], rec["slide"],
+                                offset=(int(y0), int(x0)))
+            parts.append(f.assign(tile=t))
+    return pd.concat(parts, ignore_index=True) if parts else object_features(
+        np.zeros((1, 1), np.int64), np.zeros((len(rec["channels"]), 1, 1)), rec["pixel_size_um"], rec["channels"],
+        rec["slide"]).assign(tile=pd.Series(dtype=str))
 
 
 def export_instances(out: str | os.PathLike, area: AreaFilter) -> pd.DataFrame:
