@@ -83,7 +83,6 @@ import json
 import time
 
 from seglab.core import workers
-from seglab.data import volumes as vdata
 from seglab.experiments import e7_3d as e7
 from seglab.plots import volumes as plots_volumes
 from seglab.workflow.runs import attach
@@ -161,18 +160,9 @@ fig
 # each method: matched predictions green, false positives red, missed nuclei orange (IoU 0.5).
 
 # %%
-a = max(datasets)
-ds = datasets[a]
-case = vdata.dataset_cases(ds, "test")[0]
-image, voxel = vdata.read_volume(case.image)
-truth = vdata.read_labels(case.labels)
-for name in params["methods"]:
-    label = e7.method_settings(params, name).label
-    pred = vdata.read_labels(ds / f"imagesTs_{label}" / f"{case.name}{vdata.OUT_SUFFIX}")
-    fig = plots_volumes.plot_orthoslices(image, truth.astype("int32"), pred.astype("int32"), anisotropy=voxel.anisotropy,
-                                         title=f"{label}, anisotropy {a:g}: {case.name}")
-    run.save_figure(fig, f"orthoslices_{label}_{e7.slug(a)}.png")
-    display(fig)
+orthoslices = e7.orthoslice_figures(params, datasets)
+run.save_outputs(orthoslices)
+display(*orthoslices.values())
 
 # %% [markdown]
 # ## 5. A real-looking volume: StarDist's `test_image_nuclei_3d`

@@ -61,7 +61,6 @@ profile = "interactive"
 
 # %%
 import json
-import shutil
 import time
 
 from seglab.core import workers as worker_threads
@@ -97,12 +96,8 @@ out = run.path("slides")
 t0 = time.monotonic()
 sample = e8.predict_pass(params, slides, out, params["sample_fraction"])
 sample_s = round(time.monotonic() - t0, 1)
-for r in sample:   # keep the sampled pass's tables: the full pass rewrites the slide folders
-    dest = run.path(f"sample/{r.record['slide']}")
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in (seg.INSTANCES, seg.TILE_TABLE, seg.RUN_RECORD):
-        shutil.copy2(r.out / name, dest / name)
-print(f"sampled pass: {sample_s} s;", [(r.record["slide"], r.record["n_selected_tiles"], len(r.instances)) for r in sample])
+print(f"sampled pass: {sample_s} s")
+e8.keep_sample_tables(sample, run.path("sample"))  # the full pass rewrites the slide folders
 
 # %% [markdown]
 # ## 3. The full pass
@@ -115,7 +110,7 @@ t0 = time.monotonic()
 full = e8.predict_pass(params, slides, out, 1.0)
 full_s = round(time.monotonic() - t0, 1)
 print(f"full pass: {full_s} s")
-print(json.dumps({r.record["slide"]: json.loads((r.out / seg.MERGE_CHECK).read_text()) for r in full}, indent=1)[:1500])
+print(json.dumps(e8.merge_checks(full), indent=1)[:1500])
 
 # %% [markdown]
 # ## 4. Counts and densities per slide against the truth
@@ -177,17 +172,9 @@ accuracy
 # `qc.png`): outlines, the tile grid (green: segmented) and a seam corner at full resolution.
 
 # %%
-import numpy as np  # noqa: E402
-
-thumbs = [np.load(r.out / seg.THUMB)["thumb"] for r in full]
-fig = plots.overview_figure(thumbs, [r.record["slide"] for r in full], [r.instances for r in full],
-                            [r.record["thumb_factor"] for r in full])
-run.save_figure(fig, "slides_overview.png")
-display(fig)
-fig = plots.qc_thumbnail(thumbs[0], full[0].record["thumb_factor"], full[0].tiles, full[0].instances,
-                         full[0].labels_path, title=full[0].record["slide"])
-run.save_figure(fig, "slides_qc.png")
-fig
+overview = e8.overview_figures(full)
+run.save_outputs(overview)
+display(*overview.values())
 
 # %% [markdown]
 # ## Summary

@@ -81,6 +81,8 @@ profile = "interactive"
 import json
 import time
 
+import pandas as pd
+
 from seglab.core import workers as worker_threads
 from seglab.core.units import AreaFilter
 from seglab.experiments import e9_curation as e9
@@ -123,7 +125,7 @@ answer_files = e9.annotate(params, galleries, truth, run.path("answers"))
 features = e9.features_of(results)
 table = e9.training_table(features, answer_files)
 run.save_table(table, "training_table.csv")
-print({k: v for k, v in table.attrs.items() if k != "not_found"})
+print(pd.Series(table.attrs).drop("not_found").to_dict())
 
 # %% [markdown]
 # ## 3. The learning curve: how many answers does the gate need?
@@ -139,7 +141,7 @@ run.save_json(verdict, "learning_curve_verdict.json")
 fig = plots.learning_curve_figure(curve, e9.GateThresholds.from_params(params).as_dict(), verdict["n_needed"])
 run.save_figure(fig, "curation_learning_curve.png")
 display(fig)
-print({k: verdict[k] for k in ("n_needed", "rising", "more_answers_needed")})
+print(pd.Series(verdict)[["n_needed", "rising", "more_answers_needed"]].to_dict())
 curve.groupby("n_answers")[["accuracy", "recall", "precision"]].agg(["mean", "min", "max"]).round(3)
 
 # %% [markdown]

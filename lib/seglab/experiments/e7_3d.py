@@ -209,6 +209,25 @@ def stack_agreement(datasets: dict[float, Path], iou: float = IOU) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
+def orthoslice_figures(params: dict, datasets: dict[float, Path]) -> dict:
+    """{file name: figure}: orthogonal slices of the first test volume of the most anisotropic
+    dataset, the truth against each method's prediction (``params["methods"]``), in that order."""
+    from seglab.plots import volumes as plots_volumes
+
+    a = max(datasets)
+    ds = datasets[a]
+    case = vdata.dataset_cases(ds, "test")[0]
+    image, voxel = vdata.read_volume(case.image)
+    truth = vdata.read_labels(case.labels).astype("int32")
+    figures = {}
+    for name in params["methods"]:
+        label = method_settings(params, name).label
+        pred = vdata.read_labels(ds / f"imagesTs_{label}" / f"{case.name}{vdata.OUT_SUFFIX}")
+        figures[f"orthoslices_{label}_{slug(a)}.png"] = plots_volumes.plot_orthoslices(
+            image, truth, pred.astype("int32"), anisotropy=voxel.anisotropy, title=f"{label}, anisotropy {a:g}: {case.name}")
+    return figures
+
+
 def answer(comparison: pd.DataFrame, metric: str = "ap", threshold: float = IOU) -> pd.DataFrame:
     """Per anisotropy, the methods ranked by pooled ``metric`` at ``threshold``: best method, its score,
     the runner-up and the margin (ties go to the faster method)."""

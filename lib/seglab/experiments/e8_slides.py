@@ -87,6 +87,44 @@ def predict_pass(params: dict, slides: Sequence[dict], out: Path, fraction: floa
                           device=None, workers=int(params["workers"]), log=log)
 
 
+def keep_sample_tables(results: Sequence[seg.SlideResult], dest: Path) -> pd.DataFrame:
+    """Copy each slide's instance table, tile table and run record of a sampled pass to
+    ``dest/<slide>/`` (the full pass rewrites the slide folders); one row per slide: slide,
+    n_selected_tiles, n_objects."""
+    import shutil
+
+    rows = []
+    for r in results:
+        to = Path(dest) / r.record["slide"]
+        to.mkdir(parents=True, exist_ok=True)
+        for name in (seg.INSTANCES, seg.TILE_TABLE, seg.RUN_RECORD):
+            shutil.copy2(r.out / name, to / name)
+        rows.append({"slide": r.record["slide"], "n_selected_tiles": r.record["n_selected_tiles"],
+                     "n_objects": len(r.instances)})
+    return pd.DataFrame(rows)
+
+
+def merge_checks(results: Sequence[seg.SlideResult]) -> dict:
+    """{slide: its merge check record (``merge_check.json``)}."""
+    import json
+
+    return {r.record["slide"]: json.loads((r.out / seg.MERGE_CHECK).read_text()) for r in results}
+
+
+def overview_figures(results: Sequence[seg.SlideResult]) -> dict:
+    """{file name: figure}: every slide's thumbnail with its objects, and the first slide's QC
+    thumbnail (tiles and outlines)."""
+    from seglab.plots import slides as plots
+
+    thumbs = [np.load(r.out / seg.THUMB)["thumb"] for r in results]
+    first = results[0]
+    return {"slides_overview.png": plots.overview_figure(thumbs, [r.record["slide"] for r in results],
+                                                          [r.instances for r in results],
+                                                          [r.record["thumb_factor"] for r in results]),
+            "slides_qc.png": plots.qc_thumbnail(thumbs[0], first.record["thumb_factor"], first.tiles,
+                                                     first.instances, first.labels_path, title=first.record["slide"])}
+
+
 def _truth_filtered(slide: dict, area: AreaFilter, pixel_size_um: float) -> tuple[np.ndarray, pd.DataFrame]:
     """The truth labels with the objects the area filter drops removed, and the kept truth rows."""
     labels, cells = sim.read_truth(slide)
