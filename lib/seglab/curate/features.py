@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from seglab import SeglabError
+from seglab.curate.answers import ANSWER_VALUES
 from seglab.core.units import check_pixel_size, px_to_um, px_to_um2
 
 MORPHOLOGY_COLUMNS = ("area_um2", "perimeter_um", "eccentricity", "solidity", "extent", "major_axis_um",
@@ -152,7 +153,7 @@ def training_table(features: pd.DataFrame, answers: pd.DataFrame, *, source: str
     if not need <= set(answers.columns):
         raise SeglabError(f"{source}: the answers table lacks {sorted(need - set(answers.columns))}; load it with "
                           "seglab.curate.answers.load_answers")
-    bad = sorted(set(answers["answer"]) - {"yes", "no", "unsure"})
+    bad = sorted(set(answers["answer"]) - set(ANSWER_VALUES))
     if bad:
         raise SeglabError(f"{source}: answers {bad} are not yes / no / unsure; fix or re-export the answers file")
     dup = answers[answers["object_id"].duplicated(keep=False)]

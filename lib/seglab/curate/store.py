@@ -56,6 +56,12 @@ class Classifier:
     def gate_passed(self) -> bool:
         return bool(self.sidecar.get("gate_passed"))
 
+    def require_gate(self) -> None:
+        """SeglabError naming this file and each failed metric unless it passed its validation gate."""
+        from seglab.curate.gate import require_pass
+
+        require_pass({"passed": self.gate_passed, "failed": self.sidecar.get("cv", {}).get("failed", [])}, str(self.path))
+
     def confidence(self, x):
         """Probability of "yes" (class 1) for rows of ``x`` (n, len(features))."""
         proba = self.model.predict_proba(x)
@@ -128,19 +134,16 @@ def load(path: str | os.PathLike, *, allow_failed_gate: bool = False) -> Classif
         model = sio.load(path, trusted=list(untrusted))
     except Exception as exc:  # noqa: BLE001 - whatever skops raises on a damaged file
         raise SeglabError(f"{path}: skops could not load it ({type(exc).__name__}: {exc}); retrain") from None
+    classifier = Classifier(model=model, sidecar=rec, path=path, sha256=sha)
     if not allow_failed_gate:
-        from seglab.curate.gate import require_pass
-
-        require_pass({"passed": rec.get("gate_passed"), "failed": rec.get("cv", {}).get("failed", [])}, str(path))
-    return Classifier(model=model, sidecar=rec, path=path, sha256=sha)
+        classifier.require_gate()
+    return classifier
 
 
 def as_classifier(obj, *, allow_failed_gate: bool = False) -> Classifier | None:
     """None, a loaded :class:`Classifier` (checked against the gate) or a path (:func:`load`)."""
     if obj is None or isinstance(obj, Classifier):
-        if isinstance(obj, Classifier) and not allow_failed_gate and not obj.gate_passed:
-            from seglab.curate.gate import require_pass
-
-            require_pass({"passed": False, "failed": obj.sidecar.get("cv", {}).get("failed", [])}, str(obj.path))
+        if obj is not None and not allow_failed_gate:
+            obj.require_gate()
         return obj
     return load(obj, allow_failed_gate=allow_failed_gate)
