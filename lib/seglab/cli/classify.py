@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
 
     from seglab.curate import classifier as clf
     from seglab.curate.answers import load_answers
-    from seglab.curate.features import training_table
+    from seglab.curate.features import DEFAULT_CHANNELS, training_table
     from seglab.curate.gate import GateThresholds
 
     fpath = Path(args.features)
@@ -60,7 +60,7 @@ def cmd_train(args) -> int:
     print(f"[seglab] {a['n_answers']} answers: {a['n_yes']} yes, {a['n_no']} no, {a['n_unsure']} unsure (left out), "
           f"{a['n_not_found']} not in {fpath.name}" + (f" (e.g. {', '.join(a['not_found'][:3])})" if a["not_found"] else ""))
     cell_type = str(table["cell_type"].iloc[0]) if "cell_type" in table and len(table) else args.cell_type
-    channels = tuple(args.channels.split(",")) if args.channels else ("DAPI", "CD45")
+    channels = tuple(args.channels.split(",")) if args.channels else DEFAULT_CHANNELS
     spec = clf.ClassifierSpec(cell_type=cell_type, channels=channels, morphology_only=args.morphology_only,
                               n_estimators=args.n_estimators, seed=args.seed, n_splits=args.n_splits)
     thresholds = GateThresholds(args.min_accuracy, args.min_recall, args.min_precision)

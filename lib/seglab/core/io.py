@@ -50,7 +50,7 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool = True) -> Iterato
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     # mkstemp makes the file 0600; give it the mode a plain open() would (the umask's),
     # so reports and tables stay readable by the group on a shared cluster.
-    os.fchmod(fd, 0o666 & ~_current_umask())
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -82,7 +82,7 @@ def naming_target(target: Path, *stand_ins: Path) -> Iterator[None]:
         raise
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

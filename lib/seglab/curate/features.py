@@ -62,6 +62,13 @@ def feature_columns(channel_names: Sequence[str] | None = DEFAULT_CHANNELS, morp
 FEATURE_COLUMNS = tuple(feature_columns(DEFAULT_CHANNELS))
 
 
+def channel_names_for(names: Sequence[str] | None, n_channels: int) -> list[str]:
+    """``n_channels`` names for an image's channels: the first of ``names``, then ``c<k>`` for the
+    channels beyond them."""
+    given = list(names or ())[:n_channels]
+    return given + [f"c{k}" for k in range(len(given), n_channels)]
+
+
 def object_features(labels: np.ndarray, image: np.ndarray | None, pixel_size_um: float,
                     channel_names: Sequence[str] | None = None, source: str = "tile", *,
                     offset: tuple[int, int] = (0, 0), ids: Sequence[int] | None = None) -> pd.DataFrame:

@@ -52,6 +52,7 @@ from seglab import SeglabError, __version__
 from seglab.core import io
 from seglab.core.units import AreaFilter, check_pixel_size, px_to_um2
 from seglab.curate import answers as ans
+from seglab.data.slides import safe_name
 
 DATA_JS = "gallery-data.js"
 INDEX = "index.html"
@@ -91,8 +92,7 @@ class Source:
 
 
 def _run_filter(rec: dict, where) -> AreaFilter:
-    a = (rec.get("settings") or {}).get("area") or {}
-    return AreaFilter(a.get("min_area_um2"), a.get("max_area_um2"), source=str(where))
+    return AreaFilter.from_params((rec.get("settings") or {}).get("area") or {}, source=str(where))
 
 
 def _slide_folders(folder: Path) -> list[Path]:
@@ -199,11 +199,9 @@ def tile_sources(predict_dir: str | os.PathLike, tiles_dir: str | os.PathLike, p
         if labels.shape != image.shape[1:]:
             raise SeglabError(f"{mpath}: mask {labels.shape} does not match its tile {t.files[0]} "
                               f"{image.shape[1:]}; give the tiles folder these masks were predicted from")
-        names = list(channel_names or feat.DEFAULT_CHANNELS)[: image.shape[0]]
-        if len(names) < image.shape[0]:
-            names += [f"c{k}" for k in range(len(names), image.shape[0])]
+        names = feat.channel_names_for(channel_names or feat.DEFAULT_CHANNELS, image.shape[0])
         objs = feat.object_features(labels, image, p, names, t.tile_id)
-        conf = pred / getattr(pr, "OBJECTS_DIR", "objects") / f"{t.tile_id}.csv"
+        conf = pred / pr.OBJECTS_DIR / f"{t.tile_id}.csv"
         if conf.is_file():   # predicted with a curation classifier: its confidence per object
             c = pd.read_csv(conf)
             if "classifier_confidence" in c.columns:
@@ -416,7 +414,7 @@ def _export(sources, made, out: Path, *, area, cell_type, per_page, sample, seed
         n_found += len(t)
         if not len(t):
             continue
-        t = t[area.keep(t["area_px"].to_numpy(), p)]
+        t = area.apply(t, p)
         t = t.assign(_source=src.id)
         rows.append(t)
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["object_id", "area_px"])
@@ -462,7 +460,7 @@ def _export(sources, made, out: Path, *, area, cell_type, per_page, sample, seed
                 if not (lab == label).any():
                     raise SeglabError(f"{sid}: object {r['object_id']} (label {label}) is not in the label image "
                                       "at its place; the run's outputs disagree: rerun its merge")
-                rel = f"crops/{io_safe(sid)}/{io_safe(r['object_id'])}.png"
+                rel = f"crops/{safe_name(sid)}/{safe_name(r['object_id'])}.png"
                 write_png(stage / rel, render_crop(img, lab, label, lo, hi))
                 a_px = int(r["area_px"])
                 a_um2 = float(px_to_um2(a_px, p))
@@ -501,7 +499,7 @@ def _export(sources, made, out: Path, *, area, cell_type, per_page, sample, seed
         title = f"{cell_type}: {len(objects)} objects ({', '.join(record['sources'][:3])}" \
                 f"{', ...' if len(record['sources']) > 3 else ''})"
         (stage / INDEX).write_text(html.replace("{{title}}", _html_escape(title)))
-        os.chmod(stage, 0o777 & ~_umask())
+        os.chmod(stage, 0o777 & ~io.current_umask())
         _swap_in(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -517,22 +515,10 @@ def _export(sources, made, out: Path, *, area, cell_type, per_page, sample, seed
     return record
 
 
-def io_safe(text: str) -> str:
-    from seglab.data.slides import safe_name
-
-    return safe_name(text)
-
-
 def _html_escape(s: str) -> str:
     import html
 
     return html.escape(s, quote=True)
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
 
 
 def _swap_in(stage: Path, out: Path) -> None:

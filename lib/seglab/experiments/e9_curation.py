@@ -212,7 +212,7 @@ def count_table(slides: Sequence[dict], results: Sequence[seg.SlideResult], filt
     for s, r in zip(slides, results):
         p = r.record["pixel_size_um"]
         _, cells = sim.read_truth(s)
-        cells = cells[area.keep(cells["area_px"].to_numpy(), p)]
+        cells = area.apply(cells, p)
         inside = e8._in_cores(cells["centroid_y_px"].to_numpy(), cells["centroid_x_px"].to_numpy(), r.tiles)
         cells = cells[inside]
         n_real = int(sim.is_real_cell(cells["kind"]).sum())

@@ -581,13 +581,12 @@ def write_objects(out: Path, tiles: Sequence[Tile], clf, threshold: float, pixel
     import tifffile
 
     from seglab.curate import apply as curate_apply
-    from seglab.curate.features import object_features
+    from seglab.curate.features import channel_names_for, object_features
 
     folder = out / OBJECTS_DIR
     folder.mkdir(exist_ok=True)
     io.clean_temps(folder, [f"{t.tile_id}.csv" for t in tiles])
     before = after = 0
-    names = list(clf.sidecar.get("channels") or [])
     for t in tiles:
         path = folder / f"{t.tile_id}.csv"
         mpath = out / f"{t.tile_id}.tif"
@@ -598,7 +597,7 @@ def write_objects(out: Path, tiles: Sequence[Tile], clf, threshold: float, pixel
         else:
             image = t.load()
             labels = tifffile.imread(mpath).astype(np.int64)
-            ch = names[:image.shape[0]] + [f"c{k}" for k in range(len(names), image.shape[0])]
+            ch = channel_names_for(clf.sidecar.get("channels"), image.shape[0])
             feats = object_features(labels, image, pixel_size_um, ch, t.tile_id)
             tab = curate_apply.apply(clf, feats, threshold)
             io.write_table(path, tab.assign(tile=t.tile_id))
