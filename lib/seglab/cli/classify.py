@@ -16,15 +16,13 @@ from seglab import SeglabError
 
 
 def cmd_features(args) -> int:
-    import pandas as pd
 
     from seglab.core import io
-    from seglab.segment.slides import slide_features
+    from seglab.segment.slides import study_features
 
-    parts = [slide_features(p) for p in args.slide_outputs]
-    table = pd.concat(parts, ignore_index=True)
+    table = study_features(args.slide_outputs)
     io.write_table(args.out, table)
-    print(f"{len(table)} objects of {len(parts)} slide(s) -> {args.out}")
+    print(f"{len(table)} objects of {len(args.slide_outputs)} slide(s) -> {args.out}")
     return 0
 
 
@@ -39,7 +37,7 @@ def cmd_train(args) -> int:
     import pandas as pd
 
     from seglab.curate import classifier as clf
-    from seglab.curate.answers import load_answers
+    from seglab.curate.answers import load_answer_files
     from seglab.curate.features import DEFAULT_CHANNELS, training_table
     from seglab.curate.gate import GateThresholds
 
@@ -53,7 +51,7 @@ def cmd_train(args) -> int:
     if len(galleries) != len(args.answers):
         raise SeglabError(f"--gallery: {len(args.gallery)} galleries for {len(args.answers)} answers files; give one "
                           "gallery for all of them, or one per answers file in the same order")
-    answers = pd.concat([load_answers(a, g) for a, g in zip(args.answers, galleries)], ignore_index=True)
+    answers = load_answer_files(zip(args.answers, galleries))
     source = ", ".join(str(a) for a in args.answers)
     table = training_table(features, answers, source=source)
     a = table.attrs

@@ -243,6 +243,11 @@ def write_answers(path: str | os.PathLike, gallery, answers: Mapping[str, str], 
     return io.write_json(path, data)
 
 
+def load_answer_files(pairs: Iterable[tuple]) -> pd.DataFrame:
+    """:func:`load_answers` of each (answers file, its gallery) pair, one table (every check per file)."""
+    return pd.concat([load_answers(a, g) for a, g in pairs], ignore_index=True)
+
+
 def merge_answers(paths: Iterable[str | os.PathLike], gallery) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Merge the answers files of several annotators of one gallery export.
 

@@ -145,17 +145,15 @@ def annotate(params: dict, galleries: Sequence[tuple[Path, dict]], truth: pd.Dat
 
 def features_of(results: Sequence[seg.SlideResult]) -> pd.DataFrame:
     """:func:`seglab.segment.slides.slide_features` of every slide's detections."""
-    from seglab.segment.slides import slide_features
-
-    return pd.concat([slide_features(r.out) for r in results], ignore_index=True)
+    return seg.study_features([r.out for r in results])
 
 
 def training_table(features: pd.DataFrame, answer_files: Sequence[tuple[Path, Path]]) -> pd.DataFrame:
     """Step 4: the answers files (each loaded with every check against its gallery) joined with the features."""
-    from seglab.curate.answers import load_answers
+    from seglab.curate.answers import load_answer_files
     from seglab.curate.features import training_table as join
 
-    answers = pd.concat([load_answers(a, g) for a, g in answer_files], ignore_index=True)
+    answers = load_answer_files(answer_files)
     return join(features, answers, source=", ".join(p.name for p, _ in answer_files))
 
 

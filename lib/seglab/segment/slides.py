@@ -737,6 +737,11 @@ def slide_features(slide_out: str | os.PathLike, slide_path: str | os.PathLike |
         rec["slide"]).assign(tile=pd.Series(dtype=str))
 
 
+def study_features(slide_outs: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """:func:`slide_features` of every slide run folder of ``slide_outs``, one table."""
+    return pd.concat([slide_features(out) for out in slide_outs], ignore_index=True)
+
+
 def export_instances(out: str | os.PathLike, area: AreaFilter) -> pd.DataFrame:
     """A slide's detections (``detections.csv``) filtered by ``area`` (um^2, through the one conversion),
     with ``area_px`` and ``area_um2``: what a later step (annotation, curation) takes. A run with a
